@@ -1,4 +1,5 @@
-"""Tiny offline Stable Diffusion pipelines, an offline CLIP tokenizer and random LoRA adapters for tests and demos.
+"""Tiny offline diffusion pipelines (SD1.5, SDXL, SD3, Flux), offline CLIP and T5 tokenizers, random LoRA adapters
+for tests and demos.
 
 Nothing here downloads anything: every component is built from a small config with fixed seeds.
 """
@@ -10,7 +11,10 @@ import tempfile
 
 import torch
 
-__all__ = ["build_clip_tokenizer", "tiny_sd_pipeline", "add_random_lora", "save_lora", "DEFAULT_WORDS"]
+__all__ = [
+    "build_clip_tokenizer", "build_t5_tokenizer", "tiny_sd_pipeline", "tiny_sd3_pipeline", "tiny_flux_pipeline",
+    "add_random_lora", "save_lora", "denoiser", "DEFAULT_WORDS", "SD3_LORA_TARGETS", "FLUX_LORA_TARGETS",
+]
 
 DEFAULT_WORDS = (
     "a an the photo of large small red green blue yellow white black circle square triangle on at in top bottom "
@@ -133,11 +137,11 @@ def _unet(kind: str, seed: int):
     )
 
 
-def _vae(seed: int):
+def _vae(seed: int, **overrides):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(
+    config = dict(
         block_out_channels=(16, 32),
         in_channels=3,
         out_channels=3,
@@ -147,6 +151,8 @@ def _vae(seed: int):
         norm_num_groups=16,
         sample_size=32,
     )
+    config.update(overrides)
+    return AutoencoderKL(**config)
 
 
 def tiny_sd_pipeline(kind: str = "sd15", *, dtype: torch.dtype = torch.float32, seed: int = 0, words=DEFAULT_WORDS):
@@ -204,6 +210,135 @@ def tiny_sd_pipeline(kind: str = "sd15", *, dtype: torch.dtype = torch.float32, 
     return pipe.to(dtype=dtype)
 
 
+# What LoRA files for these transformers typically target (diffusers' train_dreambooth_lora_sd3.py / _flux.py with
+# their MLP options on): joint attention incl. the context stream (add_*_proj, to_add_out), the MLPs of both streams,
+# and for Flux the single blocks' proj_mlp / proj_out (a suffix that also matches the final proj_out).
+SD3_LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+)
+FLUX_LORA_TARGETS = SD3_LORA_TARGETS + ("proj_mlp", "proj_out")
+
+
+def build_t5_tokenizer(words=DEFAULT_WORDS, *, model_max_length: int = 512):
+    """A T5 (Unigram, sentencepiece-style) tokenizer built in code: "▁word" for each listed word, the letters and
+    digits as fall-back pieces, ids 0/1/2 = <pad>/</s>/<unk> as in T5, no sentinel tokens."""
+    from transformers import T5Tokenizer
+
+    pieces = dict.fromkeys("▁" + w.lower() for w in words)
+    chars = dict.fromkeys(sorted(set("".join(words).lower()) | set("abcdefghijklmnopqrstuvwxyz0123456789")))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(piece, -1.0) for piece in pieces] + [(c, -5.0) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def _t5_encoder(vocab_size: int, seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    torch.manual_seed(seed)
+    return T5EncoderModel(config).eval()
+
+
+def _clip_tokenizer(words):
+    with tempfile.TemporaryDirectory() as tmp:
+        return build_clip_tokenizer(words, tmp)
+
+
+def tiny_sd3_pipeline(*, img2img: bool = False, dtype: torch.dtype = torch.float32, seed: int = 0,
+                      words=DEFAULT_WORDS):
+    """A StableDiffusion3Pipeline (or its img2img variant) with tiny random components and no T5 encoder.
+
+    SD3.5-style transformer: two joint blocks (the second one context_pre_only, so both context-block kinds occur),
+    a dual-attention (attn2) first block, RMS qk-norm, patch size 2. Two CLIP encoders with projection (pooled
+    projections 32 + 32 = 64), text_encoder_3=None (the pipeline feeds zeros as T5 states). VAE with 16 latent
+    channels and SD3's shift/scaling factors; latents 16x16x16 for 32x32 images (height/width must be multiples
+    of 4). The prompt sequence is 77 CLIP tokens + max_sequence_length zero T5 tokens: pass a small
+    max_sequence_length (e.g. 8) to keep calls fast.
+    """
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Img2ImgPipeline,
+        StableDiffusion3Pipeline,
+    )
+
+    tokenizer = _clip_tokenizer(words)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )
+    vae = _vae(seed + 1, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+               shift_factor=0.0609, scaling_factor=1.5035)
+    pipeline_cls = StableDiffusion3Img2ImgPipeline if img2img else StableDiffusion3Pipeline
+    pipe = pipeline_cls(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=_text_encoder(len(tokenizer), with_projection=True, seed=seed + 2),
+        tokenizer=tokenizer,
+        text_encoder_2=_text_encoder(len(tokenizer), with_projection=True, seed=seed + 3),
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    return _finish(pipe, dtype)
+
+
+def tiny_flux_pipeline(*, img2img: bool = False, guidance_embeds: bool = True, dtype: torch.dtype = torch.float32,
+                       seed: int = 0, words=DEFAULT_WORDS):
+    """A FluxPipeline (or FluxImg2ImgPipeline) with tiny random components, a tiny T5 encoder and offline tokenizers.
+
+    guidance_embeds=True is FLUX.1-dev-shaped (guidance-distilled: the guidance value is a transformer input),
+    False FLUX.1-schnell-shaped. One double-stream and one single-stream block; VAE with 4 latent channels, packed
+    2x2 into 16 transformer channels, so a 32x32 image is 8x8 = 64 image tokens (height/width: multiples of 4).
+    Pass a small max_sequence_length (e.g. 8) to keep calls fast.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxPipeline, FluxTransformer2DModel
+
+    tokenizer = _clip_tokenizer(words)
+    t5_tokenizer = build_t5_tokenizer(words)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
+    )
+    vae = _vae(seed + 1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
+               scaling_factor=0.3611)
+    # FLUX.1's scheduler: resolution-dependent (dynamic) shift of the sigmas.
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipeline_cls = FluxImg2ImgPipeline if img2img else FluxPipeline
+    pipe = pipeline_cls(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=_text_encoder(len(tokenizer), with_projection=False, seed=seed + 2),
+        tokenizer=tokenizer,
+        text_encoder_2=_t5_encoder(len(t5_tokenizer), seed=seed + 3),
+        tokenizer_2=t5_tokenizer,
+    )
+    return _finish(pipe, dtype)
+
+
+def _finish(pipe, dtype: torch.dtype):
+    pipe.set_progress_bar_config(disable=True)
+    # The components are built in float32; casting only when asked avoids diffusers' keep-in-fp32 warnings.
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def denoiser(pipe) -> torch.nn.Module:
+    """The pipeline's denoising network: pipe.unet (SD1.5/SDXL) or pipe.transformer (SD3, Flux)."""
+    for name in ("unet", "transformer"):
+        model = getattr(pipe, name, None)
+        if model is not None:
+            return model
+    raise TypeError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+
+
 def add_random_lora(
     pipe,
     adapter_name: str,
@@ -215,7 +350,8 @@ def add_random_lora(
     lora_alpha: float | None = None,
     **lora_config_kwargs,
 ):
-    """Inject a peft LoRA adapter into pipe.unet (as pipe.load_lora_weights would) with random non-zero A and B.
+    """Inject a peft LoRA adapter into the pipeline's UNet or transformer (as pipe.load_lora_weights would) with random
+    non-zero A and B.
 
     A ~ N(0, init_scale^2 / fan_in)-ish and B ~ N(0, init_scale^2): large enough that every adapter visibly changes
     the UNet output, so exactness tests cannot pass by accident.
@@ -230,10 +366,11 @@ def add_random_lora(
         init_lora_weights=False,
         **lora_config_kwargs,
     )
-    pipe.unet.add_adapter(config, adapter_name=adapter_name)
+    model = denoiser(pipe)
+    model.add_adapter(config, adapter_name=adapter_name)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, layer in sorted(pipe.unet.named_modules(), key=lambda item: item[0]):
+        for _, layer in sorted(model.named_modules(), key=lambda item: item[0]):
             if not isinstance(layer, LoraLayer) or adapter_name not in layer.lora_A:
                 continue
             for factor in (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight):
@@ -244,10 +381,15 @@ def add_random_lora(
 
 
 def save_lora(pipe, adapter_name: str, out_dir) -> str:
-    """Write one adapter of pipe.unet in the diffusers LoRA format (OUT/pytorch_lora_weights.safetensors), so
-    pipe.load_lora_weights(out_dir, adapter_name=...) reads it back."""
+    """Write one adapter of the pipeline's UNet or transformer in the diffusers LoRA format
+    (OUT/pytorch_lora_weights.safetensors), so pipe.load_lora_weights(out_dir, adapter_name=...) reads it back."""
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(pipe.unet, adapter_name=adapter_name)
-    type(pipe).save_lora_weights(out_dir, unet_lora_layers=state, safe_serialization=True)
+    model = denoiser(pipe)
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    prefix = "unet" if model is getattr(pipe, "unet", None) else "transformer"
+    # The adapter's config travels as metadata, so lora_alpha (peft's scaling) survives the round trip.
+    metadata = model.peft_config[adapter_name].to_dict()
+    type(pipe).save_lora_weights(out_dir, **{f"{prefix}_lora_layers": state, f"{prefix}_lora_adapter_metadata": metadata},
+                                 safe_serialization=True)
     return os.path.join(str(out_dir), "pytorch_lora_weights.safetensors")
