@@ -13,10 +13,15 @@ import json
 import os
 
 from cgkernels.train import TrainConfig, train
-from cgkernels.train.config import BATCHING, DATASET_FORMATS, MIXED_PRECISION, OBJECTIVES
+from cgkernels.train.config import BATCHING, DATASET_FORMATS, MIXED_PRECISION, OBJECTIVES, WEIGHTING_SCHEMES
 
 HELP = {
-    "model": "diffusers pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a hub id",
+    "model": "diffusers pipeline folder (unet/ or an SD3/Flux transformer/, vae/, text_encoder/, tokenizer/, "
+             "scheduler/) or a hub id",
+    "weighting_scheme": "SD3/Flux only: sigma sampling and loss weighting (default: logit_normal for SD3, none for "
+                        "Flux, as diffusers' training scripts)",
+    "guidance_scale": "guidance-distilled Flux only: the guidance input while training (default 3.5)",
+    "max_sequence_length": "SD3/Flux only: T5 prompt tokens (default: the pipeline's, SD3 256, Flux 512)",
     "dataset": "Pick-a-Pic parquet file or folder of shards (a train-*/test-* split layout uses train-* only), "
                "HPDv3 JSON (or its folder), or JSONL",
     "image_root": "folder that hpdv3/jsonl image paths are relative to (default: the dataset file's folder)",
@@ -31,7 +36,7 @@ HELP = {
     "batching": "joint: one UNet pass for all adapters; separate: one call per adapter (reference path)",
 }
 CHOICES = {"objective": OBJECTIVES, "dataset_format": DATASET_FORMATS, "mixed_precision": MIXED_PRECISION,
-           "batching": BATCHING}
+           "batching": BATCHING, "weighting_scheme": WEIGHTING_SCHEMES}
 
 
 def _value_type(field: dataclasses.Field):

@@ -52,15 +52,15 @@ def base_components(workspace):
 
 
 def _model_with_adapters(base_components, adapters=("pos", "neg"), randomize_b: bool = False):
-    components = dataclasses.replace(base_components, unet=copy.deepcopy(base_components.unet))
-    params = T.add_lora_adapters(components.unet, adapters, rank=4, alpha=8.0, target_modules=("to_q", "to_k", "to_v", "to_out.0"))
+    components = dataclasses.replace(base_components, denoiser=copy.deepcopy(base_components.denoiser))
+    params = T.add_lora_adapters(components.denoiser, adapters, rank=4, alpha=8.0, target_modules=("to_q", "to_k", "to_v", "to_out.0"))
     if randomize_b:  # peft starts B at zero; make every adapter differ from the base so gradients reach A too
         g = torch.Generator().manual_seed(3)
         with torch.no_grad():
             for name, p in params.items():
                 if ".lora_B." in name:
                     p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    components.unet.train()
+    components.denoiser.train()
     return components, params
 
 
@@ -69,12 +69,12 @@ def test_objective_decreases_loss_on_fixed_batch(workspace, base_components, obj
     adapters = TrainConfig(model="m", dataset="d", objective=objective).adapters
     components, params = _model_with_adapters(base_components, adapters)
     inputs = _fixed_inputs(workspace, components)
-    attach_segmented_lora(components.unet, {a: {a: 1.0} for a in adapters}, trainable=True)
+    attach_segmented_lora(components.denoiser, {a: {a: 1.0} for a in adapters}, trainable=True)
     optimizer = torch.optim.AdamW(params.values(), lr=3e-3)
     losses = []
     for _ in range(4):
         optimizer.zero_grad()
-        loss, metrics = T.joint_step(components.unet, components.unet, inputs, objective, 5000.0, torch.Tensor.backward)
+        loss, metrics = T.joint_step(components.denoiser, components.denoiser, inputs, objective, 5000.0, torch.Tensor.backward)
         losses.append(loss.item())
         optimizer.step()
     if objective != "sft":  # B = 0 at start: every adapter equals the reference, loss = ln 2 per adapter
@@ -89,7 +89,7 @@ def test_objective_decreases_loss_on_fixed_batch(workspace, base_components, obj
 def test_joint_gradients_equal_separate_training(workspace, base_components, objective, checkpointing):
     components, params = _model_with_adapters(base_components, randomize_b=True)
     inputs = _fixed_inputs(workspace, components)
-    unet = components.unet
+    unet = components.denoiser
     if checkpointing:  # recomputation in backward must see the same segment routing as the forward
         unet.enable_gradient_checkpointing()
     handle = attach_segmented_lora(unet, {"pos": {"pos": 1.0}, "neg": {"neg": 1.0}}, trainable=True)

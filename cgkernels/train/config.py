@@ -9,6 +9,7 @@ OBJECTIVES = ("sft", "dpo", "npo", "dpo+npo")
 DATASET_FORMATS = ("pickapic", "hpdv3", "jsonl")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 BATCHING = ("joint", "separate")
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "sigma_sqrt", "cosmap", "none")  # diffusers.training_utils' schemes
 
 # Which adapters each objective trains: sft trains both cPGD modules, dpo the PGD positive module, npo the
 # Diffusion-NPO negative module, dpo+npo both preference modules against one shared reference pass.
@@ -45,6 +46,16 @@ class TrainConfig:
     beta: float = 5000.0  # Diffusion-DPO's beta
     # Share of pairs trained on CFG's unconditional branch as the pipeline builds it; None: 0.2 for sft, else 0.0.
     empty_prompt_prob: Optional[float] = None
+
+    # Flow matching (SD3, Flux only; None = the diffusers training scripts' / pipelines' default, and setting any
+    # of them for a UNet model is an error). Sigma sampling and loss weighting: logit_normal (SD3's default),
+    # mode, none (uniform sigmas, weight 1; Flux's default), sigma_sqrt, cosmap (uniform sigmas, weighted).
+    weighting_scheme: Optional[str] = None
+    logit_mean: Optional[float] = None  # logit_normal: 0.0
+    logit_std: Optional[float] = None  # logit_normal: 1.0
+    mode_scale: Optional[float] = None  # mode: 1.29
+    guidance_scale: Optional[float] = None  # guidance-distilled Flux (FLUX.1-dev): the guidance input, 3.5
+    max_sequence_length: Optional[int] = None  # T5 tokens: SD3 256, Flux 512 (the pipelines' defaults)
 
     # Data and preprocessing (as Diffusion-DPO: resize shortest side, crop, optional flip).
     resolution: int = 512
@@ -103,6 +114,12 @@ class TrainConfig:
         from diffusers.optimization import SchedulerType
 
         _choice("lr_scheduler", self.lr_scheduler, tuple(t.value for t in SchedulerType))
+        if self.weighting_scheme is not None:
+            _choice("weighting_scheme", self.weighting_scheme, WEIGHTING_SCHEMES)
+        if self.logit_std is not None and not self.logit_std > 0:
+            raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
+        if self.max_sequence_length is not None and int(self.max_sequence_length) <= 0:
+            raise ValueError(f"max_sequence_length must be > 0, got {self.max_sequence_length}")
         if not self.target_modules:
             raise ValueError("target_modules must name at least one module")
 

@@ -1,4 +1,8 @@
-"""Training objectives: noise-prediction MSE (SFT) and Diffusion-DPO (also used, swapped, for Diffusion-NPO)."""
+"""Training objectives: the diffusion MSE (SFT) and Diffusion-DPO (also used, swapped, for Diffusion-NPO).
+
+Both take optional per-sample loss weights [B] (flow matching's sigma-dependent weighting); None weighs every
+sample 1.
+"""
 from __future__ import annotations
 
 import torch
@@ -22,9 +26,18 @@ def _error_gap(model: torch.Tensor, ref: torch.Tensor, target: torch.Tensor) -> 
     return gap.reshape(gap.shape[0], -1).mean(dim=1)
 
 
-def sft_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Ordinary diffusion loss: MSE between the prediction and its target (noise, or velocity for v-prediction)."""
-    return per_sample_mse(model_pred, target).mean()
+def _weighted(per_sample: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return per_sample
+    if weights.shape != per_sample.shape:
+        raise ValueError(f"loss weights have shape {tuple(weights.shape)}, expected one per sample {tuple(per_sample.shape)}")
+    return per_sample * weights.float()
+
+
+def sft_loss(model_pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Ordinary diffusion loss: MSE between the prediction and its target (noise, velocity), optionally weighted
+    per sample, averaged over the batch."""
+    return _weighted(per_sample_mse(model_pred, target), weights).mean()
 
 
 def dpo_loss(
@@ -36,21 +49,24 @@ def dpo_loss(
     target_l: torch.Tensor,
     beta: float = 5000.0,
     *,
+    weights: torch.Tensor | None = None,
     return_metrics: bool = False,
 ):
     """Diffusion-DPO loss (Wallace et al. 2023), averaged over the batch.
 
     loss = -log sigmoid(-beta/2 * [(|e_w - model_w|^2 - |e_l - model_l|^2) - (|e_w - ref_w|^2 - |e_l - ref_l|^2)])
 
-    Swapping winner and loser gives Diffusion-NPO's objective for the negative adapter. With return_metrics the
+    With `weights` each pair's squared errors are weighted (winner and loser share the pair's noise level, hence its
+    weight), as the weighted flow-matching loss is. Swapping winner and loser gives Diffusion-NPO's objective for
+    the negative adapter. With return_metrics the
     result is (loss, metrics) where metrics holds the implicit accuracy (share of pairs whose implicit reward
     prefers the winner; ties count half) and the mean implicit rewards and margin (detached floats as tensors).
     """
     # |e - m|^2 - |e - r|^2 = (m - r) . (m + r - 2e), per element: no cancellation between two large squared
     # errors, which beta = 5000 would otherwise amplify to ~1e-3 in fp32.
     # Implicit reward of an image: how much better the policy denoises it than the reference, scaled by beta/2.
-    reward_w = -0.5 * beta * _error_gap(model_w, ref_w, target_w)
-    reward_l = -0.5 * beta * _error_gap(model_l, ref_l, target_l)
+    reward_w = -0.5 * beta * _weighted(_error_gap(model_w, ref_w, target_w), weights)
+    reward_l = -0.5 * beta * _weighted(_error_gap(model_l, ref_l, target_l), weights)
     margin = reward_w - reward_l
     loss = -F.logsigmoid(margin).mean()
     if not return_metrics:

@@ -1,5 +1,9 @@
 """Preference-adapter training loop (🤗 accelerate): SFT (cPGD modules), Diffusion-DPO, Diffusion-NPO, DPO+NPO.
 
+Model families: SD1.5 and SDXL UNets (DDPM noise schedule, the scheduler's prediction_type) and SD3 and Flux
+transformers (rectified flow: velocity target, the diffusers scripts' sigma sampling and loss weighting; see
+cgkernels.train.flow_matching). "UNet" below stands for either denoiser.
+
 All adapters of an objective train in one UNet pass over the frozen base: the batch rows are segments routed to
 their adapter by cgkernels' segmented LoRA layers (winners -> pos and losers -> neg for sft; [x_w, x_l] -> pos and
 [x_w, x_l] -> neg for dpo+npo). The DPO reference is the frozen base, evaluated once per step under no_grad.
@@ -24,12 +28,16 @@ import torch
 from tqdm.auto import tqdm
 
 from cgkernels.lora_layers import attach_segmented_lora, segment_routing
+from cgkernels.train import flow_matching
 from cgkernels.train.config import TrainConfig
 from cgkernels.train.data import PairTransform, PreferenceBatches, open_pair_source
+from cgkernels.train.flow_matching import FlowMatchingSettings
 from cgkernels.train.losses import dpo_loss, sft_loss
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# The transformer classes of the flow-matching families (as named in a pipeline's model_index.json).
+TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -37,7 +45,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
 class DiffusionComponents:
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module  # the UNet (sd15, sdxl) or the transformer (sd3, flux)
     vae: Optional[torch.nn.Module]  # None for a pixel-space model
     text_encoders: list
     tokenizers: list
@@ -47,15 +55,21 @@ class DiffusionComponents:
     # their unconditional branch; prompt dropout must train on what inference will use.
     zero_empty_prompt: bool = False
     empty_prompt: Optional[tuple] = None  # (hidden [1, T, D], pooled [1, P] or None), encoded once on first use
+    family: str = "sd15"  # "sd15", "sdxl", "sd3" or "flux"
+    flow: Optional[FlowMatchingSettings] = None  # set for the flow-matching families
+    # sd3/flux: the pipeline's own encode_prompt (prompts -> (hidden, pooled)), so training conditions exactly as
+    # inference does (CLIP + T5 layout, zero T5 states when the pipeline has no T5 encoder).
+    prompt_encoder: Optional[Callable] = None
 
 
 def check_model_source(model: str) -> None:
     """A local folder must be a diffusers pipeline folder; anything else that is not a hub id is an error."""
     path = Path(model).expanduser()
     if path.exists():
-        if not (path / "unet" / "config.json").is_file():
-            raise ValueError(f"model folder {model} has no unet/config.json: expected a diffusers pipeline folder "
-                             "(unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+        if not any((path / sub / "config.json").is_file() for sub in ("unet", "transformer")):
+            raise ValueError(f"model folder {model} has no unet/config.json or transformer/config.json: expected a "
+                             "diffusers pipeline folder (unet/ or transformer/, vae/, text_encoder/, tokenizer/, "
+                             "scheduler/)")
         for sub in ("text_encoder", "tokenizer", "scheduler"):
             if not (path / sub).is_dir():
                 raise ValueError(f"model folder {model} has no {sub}/ folder")
@@ -82,7 +96,34 @@ def _pipeline_config(model: str) -> dict:
     return DiffusionPipeline.load_config(model)
 
 
-def load_components(model: str, device: torch.device, weight_dtype: torch.dtype) -> DiffusionComponents:
+def model_family(model: str) -> str:
+    """"sd15" / "sdxl" (UNet pipelines) or "sd3" / "flux" (by the transformer class in model_index.json)."""
+    if not _has_subfolder(model, "transformer"):
+        return "sdxl" if _has_subfolder(model, "text_encoder_2") else "sd15"
+    entry = _pipeline_config(model).get("transformer") or [None, None]
+    family = TRANSFORMER_FAMILIES.get(entry[-1])
+    if family is None:
+        raise ValueError(f"{model}: transformer class {entry[-1]!r} is not supported for training; supported: "
+                         f"{', '.join(TRANSFORMER_FAMILIES)} (or a UNet pipeline)")
+    return family
+
+
+def load_components(model: str, device: torch.device, weight_dtype: torch.dtype,
+                    config: Optional[TrainConfig] = None) -> DiffusionComponents:
+    """The frozen model parts, on `device`. `config` supplies the flow-matching options (defaults when None) and
+    is checked against the family: options of the flow-matching families are refused for UNet models."""
+    family = model_family(model)
+    if family in flow_matching.FLOW_FAMILIES:
+        return _load_flow_components(model, family, device, weight_dtype, config)
+    if config is not None:
+        set_flow_options = [name for name in FLOW_OPTIONS if getattr(config, name) is not None]
+        if set_flow_options:
+            raise ValueError(f"{', '.join(set_flow_options)} apply to flow-matching models (SD3, Flux) only; "
+                             f"{model} is a {family} UNet pipeline")
+    return _load_unet_components(model, device, weight_dtype)
+
+
+def _load_unet_components(model: str, device: torch.device, weight_dtype: torch.dtype) -> DiffusionComponents:
     import transformers
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
@@ -113,7 +154,83 @@ def load_components(model: str, device: torch.device, weight_dtype: torch.dtype)
     for encoder in text_encoders:
         encoder.to(device).eval()
     unet.to(device)
-    return DiffusionComponents(unet, vae, text_encoders, tokenizers, noise_scheduler, is_sdxl, zero_empty_prompt)
+    return DiffusionComponents(unet, vae, text_encoders, tokenizers, noise_scheduler, is_sdxl, zero_empty_prompt,
+                               family="sdxl" if is_sdxl else "sd15")
+
+
+# TrainConfig options that only the flow-matching families use (None = the family's default).
+FLOW_OPTIONS = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale", "max_sequence_length")
+
+
+def flow_settings(family: str, transformer, config: Optional[TrainConfig]) -> FlowMatchingSettings:
+    """The flow-matching settings: the config's options, else the diffusers training scripts' defaults."""
+    options = {name: None if config is None else getattr(config, name) for name in FLOW_OPTIONS}
+    guidance_embeds = bool(getattr(transformer.config, "guidance_embeds", False))
+    guidance = options["guidance_scale"]
+    if guidance is not None and not guidance_embeds:
+        raise ValueError(f"guidance_scale={guidance} is an input of guidance-distilled Flux transformers only; this "
+                         f"{family} transformer has no guidance embedding")
+    if guidance is None and guidance_embeds:
+        guidance = flow_matching.DEFAULT_FLUX_GUIDANCE
+    defaults = FlowMatchingSettings(family, flow_matching.DEFAULT_WEIGHTING[family])
+    return FlowMatchingSettings(
+        family=family,
+        weighting_scheme=options["weighting_scheme"] or defaults.weighting_scheme,
+        logit_mean=defaults.logit_mean if options["logit_mean"] is None else options["logit_mean"],
+        logit_std=defaults.logit_std if options["logit_std"] is None else options["logit_std"],
+        mode_scale=defaults.mode_scale if options["mode_scale"] is None else options["mode_scale"],
+        guidance=guidance,
+        max_sequence_length=options["max_sequence_length"] or flow_matching.DEFAULT_MAX_SEQUENCE_LENGTH[family],
+    )
+
+
+def _load_flow_components(model: str, family: str, device, weight_dtype, config) -> DiffusionComponents:
+    """SD3 / Flux: the pipeline is loaded whole, so prompts are encoded by its own encode_prompt."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
+    pipeline_cls = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[family]
+    optional = {}
+    if family == "sd3" and not _has_subfolder(model, "text_encoder_3"):  # SD3 without T5: zero T5 states
+        optional = dict(text_encoder_3=None, tokenizer_3=None)
+    pipe = pipeline_cls.from_pretrained(model, dtype=weight_dtype, **optional)
+    if not isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+        raise ValueError(f"{model}: {family} training needs a FlowMatchEulerDiscreteScheduler, the pipeline has "
+                         f"{type(pipe.scheduler).__name__}")
+    # The training schedule is the scheduler as constructed (the scripts copy it before any set_timesteps).
+    noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    settings = flow_settings(family, pipe.transformer, config)
+    text_encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2, getattr(pipe, "text_encoder_3", None)) if e]
+    tokenizers = [t for t in (pipe.tokenizer, pipe.tokenizer_2, getattr(pipe, "tokenizer_3", None)) if t]
+    for module in [pipe.transformer, pipe.vae, *text_encoders]:
+        module.requires_grad_(False)
+    pipe.vae.to(device).eval()
+    for encoder in text_encoders:
+        encoder.to(device).eval()
+    pipe.transformer.to(device)
+
+    def encode(prompts: list[str]):
+        if family == "sd3":
+            hidden, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                                                      do_classifier_free_guidance=False,
+                                                      max_sequence_length=settings.max_sequence_length)
+        else:
+            hidden, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
+                                                   max_sequence_length=settings.max_sequence_length)
+        return hidden, pooled
+
+    return DiffusionComponents(pipe.transformer, pipe.vae, text_encoders, tokenizers, noise_scheduler, is_sdxl=False,
+                               family=family, flow=settings, prompt_encoder=encode)
+
+
+def check_resolution(components: DiffusionComponents, resolution: int) -> None:
+    """Training images must give latents the transformer can patch (SD3: patch_size; Flux: 2x2 packing)."""
+    if components.flow is None or components.vae is None:
+        return
+    downsampling = 2 ** (len(components.vae.config.block_out_channels) - 1)
+    patch = 2 if components.family == "flux" else int(components.denoiser.config.patch_size)
+    if resolution % (downsampling * patch):
+        raise ValueError(f"resolution {resolution} must be a multiple of {downsampling * patch} for this "
+                         f"{components.family} model (VAE downsampling {downsampling} x patch {patch})")
 
 
 def add_lora_adapters(unet, adapters, *, rank: int, alpha: float, target_modules) -> dict[str, torch.nn.Parameter]:
@@ -129,7 +246,7 @@ def add_lora_adapters(unet, adapters, *, rank: int, alpha: float, target_modules
     unet.set_adapter(list(adapters))
     params = {n: p for n, p in unet.named_parameters() if ".lora_A." in n or ".lora_B." in n}
     if not params:
-        raise ValueError(f"no module of the UNet matches target_modules {list(target_modules)}")
+        raise ValueError(f"no module of the {type(unet).__name__} matches target_modules {list(target_modules)}")
     for p in params.values():
         p.data = p.data.float()
         p.requires_grad_(True)
@@ -143,11 +260,16 @@ def add_lora_adapters(unet, adapters, *, rank: int, alpha: float, target_modules
 class PairInputs:
     """Noised latents of both images of each pair (same noise and timestep), their targets and the conditioning."""
 
-    noisy: dict  # {"w": [B, C, H, W], "l": ...}
+    noisy: dict  # {"w": [B, C, H, W] (Flux: packed [B, N, 4C]), "l": ...}
     target: dict
     timesteps: torch.Tensor  # [B]
     encoder_hidden_states: torch.Tensor  # [B, T, D]
     added_cond: Optional[dict] = None  # SDXL: {"w": {"text_embeds", "time_ids"}, "l": {...}}
+    # sd3/flux: the other batch-dim transformer inputs (pooled_projections, guidance) and the non-batch ones
+    # (Flux txt_ids / img_ids); None for UNets.
+    transformer_inputs: Optional[dict] = None
+    static_inputs: Optional[dict] = None
+    loss_weights: Optional[torch.Tensor] = None  # [B] per-pair weight of the squared errors; None = 1
 
     @property
     def batch_size(self) -> int:
@@ -155,7 +277,9 @@ class PairInputs:
 
 
 def encode_prompts(components: DiffusionComponents, prompts: list[str]):
-    """Text conditioning: (encoder_hidden_states, pooled text embeds or None), as the SD / SDXL pipelines do."""
+    """Text conditioning: (encoder_hidden_states, pooled text embeds or None), as the pipelines do."""
+    if components.prompt_encoder is not None:
+        return components.prompt_encoder(prompts)
     hidden, pooled = [], None
     for tokenizer, encoder in zip(components.tokenizers, components.text_encoders):
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -224,14 +348,17 @@ def prepare_inputs(components, batch: dict, generator: torch.Generator, *, promp
     else:
         latents = {s: _encode_pixels(components, batch[f"pixels_{s}"].to(device), generator).float() for s in "wl"}
     n = latents["w"].shape[0]
-    scheduler = components.noise_scheduler
-    noise = torch.randn(latents["w"].shape, generator=generator, device=device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
     # The dropout mask decides which prompts to encode, so it is drawn on the host (reading a device draw back would
     # synchronize every micro-step); it is seeded from the micro-step's generator, so resume stays exact.
     host_generator = torch.Generator().manual_seed(generator.initial_seed())
     drop = (torch.rand(n, generator=host_generator) < prompt_dropout).tolist()
     hidden, pooled = prompt_conditioning(components, list(batch["prompts"]), drop)
+    scheduler = components.noise_scheduler
+    if components.flow is not None:
+        return PairInputs(**flow_matching.flow_pair_inputs(scheduler, components.flow, latents, hidden, pooled,
+                                                           generator, dtype))
+    noise = torch.randn(latents["w"].shape, generator=generator, device=device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator, device=device)
     target = {s: training_target(scheduler, latents[s], noise, timesteps) for s in "wl"}
     noisy = {s: scheduler.add_noise(latents[s], noise, timesteps).to(dtype) for s in "wl"}
     added = None
@@ -241,7 +368,10 @@ def prepare_inputs(components, batch: dict, generator: torch.Generator, *, promp
 
 
 def _unet_rows(unet, inputs: PairInputs, sides: list[str]) -> torch.Tensor:
-    """One UNet call over the rows [side_0 pairs, side_1 pairs, ...] ("w"/"l" per block of B rows)."""
+    """One UNet (or transformer) call over the rows [side_0 pairs, side_1 pairs, ...] ("w"/"l" per block of B rows)."""
+    if inputs.transformer_inputs is not None:
+        return flow_matching.transformer_rows(unet, inputs.noisy, inputs.timesteps, inputs.encoder_hidden_states,
+                                              inputs.transformer_inputs, inputs.static_inputs, sides)
     sample = torch.cat([inputs.noisy[s] for s in sides])
     kwargs = {}
     if inputs.added_cond is not None:
@@ -259,10 +389,10 @@ def _unet_rows(unet, inputs: PairInputs, sides: list[str]) -> torch.Tensor:
 
 def _adapter_dpo(adapter: str, pred_w, pred_l, ref_w, ref_l, inputs: PairInputs, beta: float):
     """DPO for pos; NPO (winner and loser swapped) for neg."""
-    tw, tl = inputs.target["w"], inputs.target["l"]
+    tw, tl, weights = inputs.target["w"], inputs.target["l"], inputs.loss_weights
     if adapter == "pos":
-        return dpo_loss(pred_w, pred_l, ref_w, ref_l, tw, tl, beta, return_metrics=True)
-    return dpo_loss(pred_l, pred_w, ref_l, ref_w, tl, tw, beta, return_metrics=True)
+        return dpo_loss(pred_w, pred_l, ref_w, ref_l, tw, tl, beta, weights=weights, return_metrics=True)
+    return dpo_loss(pred_l, pred_w, ref_l, ref_w, tl, tw, beta, weights=weights, return_metrics=True)
 
 
 def _collect(per_adapter: dict[str, tuple]) -> tuple[torch.Tensor, dict]:
@@ -287,8 +417,8 @@ def joint_step(unet, reference_unet, inputs: PairInputs, objective: str, beta: f
         with segment_routing([(b, "pos"), (b, "neg")]):
             pred = _unet_rows(unet, inputs, ["w", "l"])
             per_adapter = {
-                "pos": (sft_loss(pred[:b], inputs.target["w"]), {}),
-                "neg": (sft_loss(pred[b:], inputs.target["l"]), {}),
+                "pos": (sft_loss(pred[:b], inputs.target["w"], inputs.loss_weights), {}),
+                "neg": (sft_loss(pred[b:], inputs.target["l"], inputs.loss_weights), {}),
             }
             loss, metrics = _collect(per_adapter)
             backward(loss)
@@ -326,7 +456,8 @@ def separate_step(unet, inputs: PairInputs, objective: str, beta: float, backwar
         if objective == "sft":
             side = "w" if adapter == "pos" else "l"
             _activate(unet, adapter, lora_params)
-            per_adapter[adapter] = (sft_loss(_unet_rows(unet, inputs, [side]), inputs.target[side]), {})
+            pred = _unet_rows(unet, inputs, [side])
+            per_adapter[adapter] = (sft_loss(pred, inputs.target[side], inputs.loss_weights), {})
         else:
             _activate(unet, None, lora_params)
             with torch.no_grad():
@@ -440,13 +571,18 @@ def load_checkpoint(accelerator, checkpoint: Path, lora_params: dict, optimizer,
 # ---------------------------------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------------------------------
-def save_adapters(unet, adapters, output_dir: Path, is_sdxl: bool) -> dict[str, str]:
-    """OUT/<adapter>/pytorch_lora_weights.safetensors in diffusers' LoRA format (as its training scripts write)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def save_adapters(unet, adapters, output_dir: Path, family: str) -> dict[str, str]:
+    """OUT/<adapter>/pytorch_lora_weights.safetensors in diffusers' LoRA format (as its training scripts write),
+    through the family's pipeline class (unet_lora_layers / transformer_lora_layers)."""
+    import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    pipeline_cls = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+    pipeline_name, prefix = {
+        "sd15": ("StableDiffusionPipeline", "unet"), "sdxl": ("StableDiffusionXLPipeline", "unet"),
+        "sd3": ("StableDiffusion3Pipeline", "transformer"), "flux": ("FluxPipeline", "transformer"),
+    }[family]
+    pipeline_cls = getattr(diffusers, pipeline_name)
     paths = {}
     for adapter in adapters:
         state = get_peft_model_state_dict(unet, adapter_name=adapter)
@@ -454,8 +590,7 @@ def save_adapters(unet, adapters, output_dir: Path, is_sdxl: bool) -> dict[str, 
         folder = output_dir / adapter
         pipeline_cls.save_lora_weights(
             folder,
-            unet_lora_layers=state,
-            unet_lora_adapter_metadata=unet.peft_config[adapter].to_dict(),
+            **{f"{prefix}_lora_layers": state, f"{prefix}_lora_adapter_metadata": unet.peft_config[adapter].to_dict()},
             safe_serialization=True,
         )
         paths[adapter] = str(folder / LORA_WEIGHT_NAME)
@@ -576,8 +711,9 @@ def _train(config: TrainConfig, accelerator, source, output_dir: Path, started: 
     set_seed(config.seed)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[accelerator.mixed_precision]
 
-    components = load_components(config.model, accelerator.device, weight_dtype)
-    unet = components.unet
+    components = load_components(config.model, accelerator.device, weight_dtype, config)
+    check_resolution(components, config.resolution)
+    unet = components.denoiser
     lora_params = add_lora_adapters(unet, config.adapters, rank=config.rank, alpha=config.lora_alpha,
                                     target_modules=config.target_modules)
     if config.gradient_checkpointing:
@@ -647,7 +783,7 @@ def _train(config: TrainConfig, accelerator, source, output_dir: Path, started: 
         handle.detach()
     paths = {a: str(output_dir / a / LORA_WEIGHT_NAME) for a in config.adapters}
     if accelerator.is_main_process:
-        paths = save_adapters(unet, config.adapters, output_dir, components.is_sdxl)
+        paths = save_adapters(unet, config.adapters, output_dir, components.family)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     result = {
