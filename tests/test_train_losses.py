@@ -75,3 +75,22 @@ def test_sft_loss_and_shape_check():
     assert sft_loss(pred.bfloat16(), target.bfloat16()).dtype == torch.float32
     with pytest.raises(ValueError, match="shape"):
         sft_loss(pred, target[:2])
+
+
+def test_weighted_losses_match_float64():
+    """Per-sample weights (flow matching's sigma weighting) scale each pair's squared errors, in sft and in dpo."""
+    g = torch.Generator().manual_seed(7)
+    shape = (3, 4, 5)
+    mw, ml, rw, rl, tw, tl = (torch.randn(shape, generator=g) for _ in range(6))
+    mw, ml = rw + 0.01 * mw, rl + 0.01 * ml
+    weights = torch.tensor([0.5, 2.0, 1.3])
+    per_sample = ((mw.double() - tw.double()) ** 2).flatten(1).mean(1)
+    assert sft_loss(mw, tw, weights).item() == pytest.approx((weights.double() * per_sample).mean().item(), rel=1e-5)
+    # Weighting pair i by w_i is the unweighted loss on that pair with every squared error scaled by w_i: the
+    # hand computation sees the pair's tensors scaled by sqrt(w_i) around the target.
+    root = weights.double().sqrt().view(-1, 1, 1)
+    scaled = [t.double() + (x.double() - t.double()) * root for x, t in ((mw, tw), (ml, tl), (rw, tw), (rl, tl))]
+    expected, _ = _dpo_by_hand(*scaled, tw.double(), tl.double(), 5000.0)
+    assert dpo_loss(mw, ml, rw, rl, tw, tl, 5000.0, weights=weights).item() == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match=r"loss weights have shape \(2,\), expected one per sample \(3,\)"):
+        sft_loss(mw, tw, weights[:2])

@@ -585,8 +585,9 @@ def save_adapters(unet, adapters, output_dir: Path, family: str) -> dict[str, st
     pipeline_cls = getattr(diffusers, pipeline_name)
     paths = {}
     for adapter in adapters:
-        state = get_peft_model_state_dict(unet, adapter_name=adapter)
-        state = convert_state_dict_to_diffusers({k: v.detach().float().cpu() for k, v in state.items()})
+        state = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(unet, adapter_name=adapter).items()}
+        if prefix == "unet":  # as train_text_to_image_lora(_sdxl).py; the SD3/Flux scripts save peft's names as is
+            state = convert_state_dict_to_diffusers(state)
         folder = output_dir / adapter
         pipeline_cls.save_lora_weights(
             folder,
