@@ -1,0 +1,136 @@
+"""The per-branch float64 reference for SD3 / Flux pipelines (tests/transformer_reference.py) checked against the
+pipelines' own runs, so that the patch tests built on it compare against something proven: base and cfg reproduce
+the pipeline, pgd at s = 1 is the positive adapter, contrastive-cond's extra term survives Flux's true CFG mix,
+img2img works, what the reference cannot model is refused, and how many rows each pipeline call carries."""
+import pytest
+import torch
+
+from cgkernels.testing import FLUX_LORA_TARGETS, SD3_LORA_TARGETS, add_random_lora, tiny_flux_pipeline, tiny_sd3_pipeline
+from transformer_reference import TransformerReference, count_transformer_rows, reference_images
+
+SEQ = 8
+
+
+def _pipe_with_adapters(family: str):
+    if family == "sd3":
+        pipe, targets = tiny_sd3_pipeline(seed=3), SD3_LORA_TARGETS
+    else:
+        pipe, targets = tiny_flux_pipeline(seed=3), FLUX_LORA_TARGETS
+    add_random_lora(pipe, "pos", rank=4, seed=1, lora_alpha=6, target_modules=targets)
+    # "neg": another rank and other targets (context stream, final projection), so layers differ in adapters
+    add_random_lora(pipe, "neg", rank=3, seed=2, lora_alpha=2,
+                    target_modules=("to_k", "to_v", "add_k_proj", "ff_context.net.2", "proj_out"))
+    pipe.transformer.set_adapters(["pos", "neg"])
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {family: _pipe_with_adapters(family) for family in ("sd3", "flux")}
+
+
+@pytest.fixture(params=["sd3", "flux"])
+def pipe(request, pipes):
+    return pipes[request.param]
+
+
+def _call(pipe, **overrides):
+    call = dict(prompt=["a red circle"], num_inference_steps=3, height=32, width=32, output_type="latent",
+                max_sequence_length=SEQ, generator=torch.Generator().manual_seed(0))
+    if "SD3" in type(pipe.transformer).__name__:  # (Flux: guidance_scale is the distilled guidance input, 3.5)
+        call["guidance_scale"] = 5.0
+    call.update(overrides)
+    return call
+
+
+def _plain(pipe, adapters, weights=None, **overrides):
+    """The pipeline's own run with `adapters` active (None: LoRA disabled)."""
+    transformer = pipe.transformer
+    try:
+        if adapters is None:
+            transformer.disable_lora()
+        else:
+            transformer.set_adapters(adapters, weights)
+        return pipe(**_call(pipe, **overrides)).images
+    finally:
+        transformer.enable_lora()
+        transformer.set_adapters(["pos", "neg"])
+
+
+def _close(a, b):
+    # Per-branch calls see fewer rows than the pipeline's batched call: fp32 rounding differs, nothing more.
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_base_and_cfg_reproduce_the_pipeline(pipe):
+    _close(reference_images(pipe, "base", _call(pipe)), _plain(pipe, None))
+    _close(reference_images(pipe, "cfg", _call(pipe)), _plain(pipe, ["pos", "neg"]))
+    assert (_plain(pipe, None) - _plain(pipe, ["pos", "neg"])).abs().max() > 1e-3  # the adapters matter
+
+
+def test_pgd_at_strength_one_is_the_positive_adapter_and_the_window_counts_steps(pipe):
+    _close(reference_images(pipe, "pgd", _call(pipe), strength=1.0), _plain(pipe, ["pos"]))
+    _close(reference_images(pipe, "merged", _call(pipe), strength=0.7), _plain(pipe, ["pos", "neg"], [0.7, -0.7]))
+    # a window that covers no step is the base model
+    _close(reference_images(pipe, "contrastive", _call(pipe), strength=2.0, start=0.0, stop=0.3), _plain(pipe, None))
+    windowed = reference_images(pipe, "contrastive", _call(pipe), strength=2.0, start=0.0, stop=0.5)
+    assert (windowed - _plain(pipe, None)).abs().max() > 1e-3
+
+
+def test_img2img_variant(pipe):
+    from diffusers import FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline
+
+    cls = StableDiffusion3Img2ImgPipeline if "SD3" in type(pipe.transformer).__name__ else FluxImg2ImgPipeline
+    img2img = cls(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    call = _call(pipe, image=image, strength=0.7, num_inference_steps=4)
+    reference = reference_images(img2img, "pgd", call, strength=1.0)
+    img2img.transformer.set_adapters(["pos"])
+    try:
+        plain = img2img(**_call(pipe, image=image, strength=0.7, num_inference_steps=4)).images
+    finally:
+        img2img.transformer.set_adapters(["pos", "neg"])
+    _close(reference, plain)
+
+
+def test_flux_true_cfg_halves_and_contrastive_cond(pipes):
+    pipe = pipes["flux"]
+    true_cfg = dict(negative_prompt=["blue"], true_cfg_scale=3.0)
+    rows = []
+    with count_transformer_rows(pipe, rows):
+        plain = _plain(pipe, ["pos", "neg"], **true_cfg)
+    assert rows == [1, 1] * 3  # two separate calls per step (cond, then uncond), never a batched CFG
+    _close(reference_images(pipe, "cfg", _call(pipe, **true_cfg)), plain)
+    # One Euler step: latents move by dt · ε, so contrastive-cond minus base is dt · s · (p(c) − n(c)) whatever
+    # the true CFG scale: the extra term is outside the CFG mix.
+    deltas = []
+    for scale in (2.0, 4.0):
+        def call():  # a fresh generator per run: the same starting latents
+            return _call(pipe, negative_prompt=["blue"], true_cfg_scale=scale, num_inference_steps=1)
+
+        deltas.append(reference_images(pipe, "contrastive-cond", call(), strength=1.5)
+                      - reference_images(pipe, "base", call()))
+    assert deltas[0].abs().max() > 1e-3
+    torch.testing.assert_close(deltas[0], deltas[1], rtol=1e-3, atol=1e-5)
+
+
+def test_sd3_makes_one_call_per_step_over_both_halves(pipes):
+    pipe = pipes["sd3"]
+    rows = []
+    with count_transformer_rows(pipe, rows):
+        _plain(pipe, None, prompt=["a red circle", "a tree"])
+    assert rows == [4] * 3  # [uncond; cond] of 2 prompts, one call per step
+
+
+def test_refuses_what_it_cannot_model(pipe):
+    if "Flux" in type(pipe.transformer).__name__:
+        for mode in ("npo", "contrastive-cond"):
+            with pytest.raises(ValueError, match=f"{mode} needs an unconditional branch"):
+                TransformerReference(pipe, mode)
+    else:
+        with pytest.raises(ValueError, match=r"does not model transformer inputs \['skip_layers'\]"):
+            # skip-layer guidance acts on steps in (1 %, 20 %) of 10: step 1
+            reference_images(pipe, "pgd", _call(pipe, skip_guidance_layers=[0], num_inference_steps=10))
+    with pytest.raises(ValueError, match="unknown mode"):
+        TransformerReference(pipe, "ppo")
