@@ -134,3 +134,47 @@ def test_refuses_what_it_cannot_model(pipe):
             reference_images(pipe, "pgd", _call(pipe, skip_guidance_layers=[0], num_inference_steps=10))
     with pytest.raises(ValueError, match="unknown mode"):
         TransformerReference(pipe, "ppo")
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_one_segmented_transformer_call_equals_the_branch_calls(pipes, family):
+    """The mechanism the SD3/Flux patch will use, checked on the inputs the pipeline really passes: rows
+    [base | pos | neg | merged] in one transformer call, every batch-dim input replicated per branch, position ids
+    passed once, equals one peft call per branch."""
+    from cgkernels.lora_layers import attach_segmented_lora, segment_routing
+    from transformer_reference import BATCH_INPUTS
+
+    pipe = pipes[family]
+    captured = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: captured.append(dict(kw)), with_kwargs=True)
+    try:
+        pipe(**_call(pipe, num_inference_steps=1, prompt=["a red circle", "a tree"]))
+    finally:
+        hook.remove()
+    kwargs = {k: v for k, v in captured[0].items() if k != "return_dict"}
+    batch = [k for k in BATCH_INPUTS[family] if kwargs.get(k) is not None]
+    rows = kwargs["hidden_states"].shape[0]
+    branches = [None, {"pos": 1.0}, {"neg": 1.0}, {"pos": 0.5, "neg": -0.5}]
+    transformer = pipe.transformer
+    expected = []
+    try:
+        for adapters in branches:
+            if adapters is None:
+                transformer.disable_lora()
+            else:
+                transformer.enable_lora()
+                transformer.set_adapters(list(adapters), list(adapters.values()))
+            expected.append(transformer(**kwargs, return_dict=False)[0].double())
+    finally:
+        transformer.enable_lora()
+        transformer.set_adapters(["pos", "neg"])
+    stacked = dict(kwargs)
+    for k in batch:
+        stacked[k] = torch.cat([kwargs[k]] * len(branches))
+    with attach_segmented_lora(transformer, {"pos": {"pos": 1.0}, "neg": {"neg": 1.0},
+                                             "merged": {"pos": 0.5, "neg": -0.5}}):
+        with torch.no_grad(), segment_routing([(rows, None), (rows, "pos"), (rows, "neg"), (rows, "merged")]):
+            out = transformer(**stacked, return_dict=False)[0].double()
+    for i, reference in enumerate(expected):
+        torch.testing.assert_close(out[i * rows:(i + 1) * rows], reference, rtol=1e-4, atol=1e-5)
+    assert (expected[1] - expected[0]).abs().max() > 1e-3 and (expected[2] - expected[0]).abs().max() > 1e-3
