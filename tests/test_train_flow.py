@@ -285,3 +285,19 @@ def test_cli_sd3_bf16_cached_latents_weighted(workspace):
     saved = load_file(str(out / "pos" / T.LORA_WEIGHT_NAME))
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in saved.values())
     assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in saved} == {"to_q", "add_q_proj"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompt_dropout_trains_on_the_encoded_empty_prompt(components, family):
+    """Dropped prompts get the pipeline's encoding of "" (SD3's default negative prompt; Flux's true-CFG branch for
+    an empty negative prompt); kept ones their own."""
+    comp = components[family]
+    prompts = ["a red circle", "a blue square", "a tree"]
+    hidden, pooled = T.prompt_conditioning(comp, prompts, [False, True, False])
+    empty_hidden, empty_pooled = comp.prompt_encoder([""])
+    own_hidden, own_pooled = comp.prompt_encoder(prompts)
+    torch.testing.assert_close(hidden[1:2], empty_hidden)
+    torch.testing.assert_close(pooled[1:2], empty_pooled)
+    torch.testing.assert_close(hidden[[0, 2]], own_hidden[[0, 2]])
+    torch.testing.assert_close(pooled[[0, 2]], own_pooled[[0, 2]])
+    assert (empty_hidden - own_hidden[1]).abs().max() > 1e-3
