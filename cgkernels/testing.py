@@ -390,6 +390,6 @@ def save_lora(pipe, adapter_name: str, out_dir) -> str:
     prefix = "unet" if model is getattr(pipe, "unet", None) else "transformer"
     # The adapter's config travels as metadata, so lora_alpha (peft's scaling) survives the round trip.
     metadata = model.peft_config[adapter_name].to_dict()
-    type(pipe).save_lora_weights(out_dir, **{f"{prefix}_lora_layers": state, f"{prefix}_lora_adapter_metadata": metadata},
-                                 safe_serialization=True)
+    layers = {f"{prefix}_lora_layers": state, f"{prefix}_lora_adapter_metadata": metadata}
+    type(pipe).save_lora_weights(out_dir, **layers, safe_serialization=True)
     return os.path.join(str(out_dir), "pytorch_lora_weights.safetensors")

@@ -122,7 +122,8 @@ def test_weighting_schemes_weight_and_sample_as_diffusers(components):
         _, sigmas = T.flow_matching.sample_sigmas(comp.noise_scheduler, n, settings, torch.Generator().manual_seed(0))
         weights = T.flow_matching.loss_weights(settings, sigmas).double()
         s = sigmas.double()
-        expected = {"cosmap": 2 / (math.pi * (1 - 2 * s + 2 * s**2)), "sigma_sqrt": s**-2.0}.get(scheme, torch.ones(n, dtype=torch.float64))
+        expected = {"cosmap": 2 / (math.pi * (1 - 2 * s + 2 * s**2)), "sigma_sqrt": s**-2.0}
+        expected = expected.get(scheme, torch.ones(n, dtype=torch.float64))
         torch.testing.assert_close(weights, expected, rtol=1e-5, atol=0)
         # logit-normal(0, 1) sampling concentrates on mid-range timesteps: its draws' median index is mid-schedule
         if scheme == "logit_normal":
@@ -272,7 +273,8 @@ def test_cli_sd3_bf16_cached_latents_weighted(workspace):
     """The CLI on SD3: bf16 base with fp32 factors, cached latents, cosmap weighting, the flow options as flags."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("train_cli", Path(__file__).resolve().parents[1] / "python" / "train.py")
+    script = Path(__file__).resolve().parents[1] / "python" / "train.py"
+    spec = importlib.util.spec_from_file_location("train_cli", script)
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     out = workspace / "sd3-cli"

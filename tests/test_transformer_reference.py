@@ -5,7 +5,13 @@ img2img works, what the reference cannot model is refused, and how many rows eac
 import pytest
 import torch
 
-from cgkernels.testing import FLUX_LORA_TARGETS, SD3_LORA_TARGETS, add_random_lora, tiny_flux_pipeline, tiny_sd3_pipeline
+from cgkernels.testing import (
+    FLUX_LORA_TARGETS,
+    SD3_LORA_TARGETS,
+    add_random_lora,
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+)
 from transformer_reference import TransformerReference, count_transformer_rows, reference_images
 
 SEQ = 8

@@ -30,7 +30,8 @@ def _weighted(per_sample: torch.Tensor, weights: torch.Tensor | None) -> torch.T
     if weights is None:
         return per_sample
     if weights.shape != per_sample.shape:
-        raise ValueError(f"loss weights have shape {tuple(weights.shape)}, expected one per sample {tuple(per_sample.shape)}")
+        raise ValueError(f"loss weights have shape {tuple(weights.shape)}, expected one per sample "
+                         f"{tuple(per_sample.shape)}")
     return per_sample * weights.float()
 
 
