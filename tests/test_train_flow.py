@@ -242,6 +242,10 @@ def test_bad_options_are_refused(workspace, tmp_path):
         train(_config(workspace, "sd3", "bad", guidance_scale=2.0))
     with pytest.raises(ValueError, match="resolution 34 must be a multiple of 4"):
         train(_config(workspace, "flux", "bad", resolution=34))
+    with pytest.raises(ValueError, match="mode_scale applies to weighting_scheme='mode'; this run samples with 'none'"):
+        train(_config(workspace, "flux", "bad", mode_scale=1.0))
+    with pytest.raises(ValueError, match="logit_std applies to weighting_scheme='logit_normal'.*'cosmap'"):
+        train(_config(workspace, "sd3", "bad", weighting_scheme="cosmap", logit_std=2.0))
     with pytest.raises(ValueError, match="max_sequence_length must be > 0"):
         train(_config(workspace, "flux", "bad", max_sequence_length=0))
     tiny_sd_pipeline("sd15").save_pretrained(tmp_path / "sd15")

@@ -173,9 +173,14 @@ def flow_settings(family: str, transformer, config: Optional[TrainConfig]) -> Fl
     if guidance is None and guidance_embeds:
         guidance = flow_matching.DEFAULT_FLUX_GUIDANCE
     defaults = FlowMatchingSettings(family, flow_matching.DEFAULT_WEIGHTING[family])
+    scheme = options["weighting_scheme"] or defaults.weighting_scheme
+    # Options of another sampling scheme would be silently ignored: refuse them.
+    for name, used_by in (("logit_mean", "logit_normal"), ("logit_std", "logit_normal"), ("mode_scale", "mode")):
+        if options[name] is not None and scheme != used_by:
+            raise ValueError(f"{name} applies to weighting_scheme={used_by!r}; this run samples with {scheme!r}")
     return FlowMatchingSettings(
         family=family,
-        weighting_scheme=options["weighting_scheme"] or defaults.weighting_scheme,
+        weighting_scheme=scheme,
         logit_mean=defaults.logit_mean if options["logit_mean"] is None else options["logit_mean"],
         logit_std=defaults.logit_std if options["logit_std"] is None else options["logit_std"],
         mode_scale=defaults.mode_scale if options["mode_scale"] is None else options["mode_scale"],
