@@ -10,7 +10,27 @@ import tempfile
 
 import torch
 
-__all__ = ["build_clip_tokenizer", "tiny_sd_pipeline", "add_random_lora", "save_lora", "DEFAULT_WORDS"]
+__all__ = ["build_clip_tokenizer", "tiny_sd_pipeline", "add_random_lora", "save_lora", "DEFAULT_WORDS",
+           "FP32_UNET_REL", "fp32_merge_atol"]
+
+# One fp32 forward of the tiny test UNets (with or without LoRA, batch 2 or 6) differs from the same forward in
+# float64 by at most 1e-6 of the output's largest magnitude: measured 6.4e-7 .. 9.7e-7 for SD1.5- and SDXL-shaped
+# UNets under ATEN_CPU_CAPABILITY=default, avx2 and avx512. The bound below leaves a 10x margin for other CPUs and
+# BLAS blockings; it is what fp32 comparisons between two computation orders in the tests are derived from.
+FP32_UNET_REL = 1e-5
+
+
+def fp32_merge_atol(coeffs, branch_scale: float, *, rescale: float = 0.0, rel: float = FP32_UNET_REL) -> float:
+    """Largest |difference| to expect between two fp32 evaluations of a guidance merge sum_k coeffs[k] * branch_k
+    computed in different orders (one batched UNet call vs one call per branch, other kernels or thread counts).
+
+    Each evaluation's branch k is off from float64 by at most rel * branch_scale (branch_scale: the largest
+    |branch output|), the merge weighs those errors by |coeffs[k]|, and the two evaluations' errors may add. Guidance
+    rescale multiplies the merged prediction by phi * std(ref) / std(eps) + (1 - phi), whose own rounding is of the
+    same order: allow (1 + rescale) times more.
+    """
+    return 2.0 * rel * float(branch_scale) * sum(abs(float(c)) for c in coeffs) * (1.0 + float(rescale))
+
 
 DEFAULT_WORDS = (
     "a an the photo of large small red green blue yellow white black circle square triangle on at in top bottom "
