@@ -31,7 +31,7 @@ __all__ = ["SUPPORTED_PIPELINES", "SUPPORTED_DTYPES", "supported_pipeline_classe
 # diffusers pipelines whose denoising loop calls the UNet once per step on the CFG batch [uncond, cond], with every
 # batch-dim input (latents, masked-image latents, added conditioning, IP-Adapter image embeds, ControlNet residuals)
 # along dim 0: the row expansion of the patch replicates each of them per branch. Each is tested against a per-branch
-# float64 reference (tests/test_patch.py, tests/test_pipelines.py).
+# float64 reference (tests/test_patch.py).
 SUPPORTED_PIPELINES = (
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",

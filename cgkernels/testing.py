@@ -10,7 +10,7 @@ import tempfile
 
 import torch
 
-__all__ = ["build_clip_tokenizer", "tiny_sd_pipeline", "add_random_lora", "save_lora", "DEFAULT_WORDS",
+__all__ = ["build_clip_tokenizer", "tiny_sd_pipeline", "tiny_controlnet", "add_random_lora", "save_lora", "DEFAULT_WORDS",
            "FP32_UNET_REL", "fp32_merge_atol"]
 
 # One fp32 forward of the tiny test UNets (with or without LoRA, batch 2 or 6) differs from the same forward in
@@ -124,14 +124,14 @@ def _text_encoder(vocab_size: int, *, with_projection: bool, seed: int):
     return model_cls(config).eval()
 
 
-def _unet(kind: str, seed: int):
+def _unet(kind: str, seed: int, in_channels: int = 4):
     from diffusers import UNet2DConditionModel
 
     common = dict(
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=16,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -169,10 +169,13 @@ def _vae(seed: int):
     )
 
 
-def tiny_sd_pipeline(kind: str = "sd15", *, dtype: torch.dtype = torch.float32, seed: int = 0, words=DEFAULT_WORDS):
+def tiny_sd_pipeline(kind: str = "sd15", *, dtype: torch.dtype = torch.float32, seed: int = 0, words=DEFAULT_WORDS,
+                     unet_in_channels: int = 4):
     """A StableDiffusionPipeline ("sd15") or StableDiffusionXLPipeline ("sdxl") with tiny random components.
 
     Latents are 4x16x16 (images 32x32). The pipeline round-trips through save_pretrained / from_pretrained.
+    unet_in_channels=9 makes the UNet an inpainting UNet (latents + mask + masked-image latents), for building the
+    inpainting pipelines from `pipe.components`.
     """
     from diffusers import (
         EulerDiscreteScheduler,
@@ -186,7 +189,7 @@ def tiny_sd_pipeline(kind: str = "sd15", *, dtype: torch.dtype = torch.float32, 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_clip_tokenizer(words, tmp)
     vocab_size = len(tokenizer)
-    unet, vae = _unet(kind, seed), _vae(seed + 1)
+    unet, vae = _unet(kind, seed, unet_in_channels), _vae(seed + 1)
     if kind == "sd15":
         scheduler = PNDMScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
@@ -222,6 +225,21 @@ def tiny_sd_pipeline(kind: str = "sd15", *, dtype: torch.dtype = torch.float32, 
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dtype=dtype)
+
+
+def tiny_controlnet(kind: str = "sd15", *, seed: int = 0, init_scale: float = 0.05):
+    """A ControlNetModel for tiny_sd_pipeline(kind) (conditioning images 32x32, as the pipeline's images), made from
+    a tiny UNet of that kind; its zero-initialised output convolutions are made random, so that its residuals
+    visibly change the UNet output."""
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_unet(_unet(kind, seed), conditioning_embedding_out_channels=(16, 32))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            for param in module.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator) * init_scale)
+    return controlnet.eval()
 
 
 def add_random_lora(

@@ -19,9 +19,7 @@ from cgkernels.testing import add_random_lora, fp32_merge_atol, tiny_sd_pipeline
 PROMPTS = ["a red circle", "a blue square at the top left"]
 STEPS = 3
 
-@pytest.fixture(scope="module", params=["sd15", "sdxl"])
-def pipe(request):
-    pipe = tiny_sd_pipeline(request.param, seed=3)
+def _with_adapters(pipe):
     add_random_lora(pipe, "pos", rank=4, seed=1, lora_alpha=6)
     # "neg": another rank and other targets, so some layers hold only one of the adapters; conv1 (3x3) exercises
     # the segmented conv fallback and SD1.5's proj_in the 1x1-conv path.
@@ -29,6 +27,10 @@ def pipe(request):
                     target_modules=("to_k", "to_v", "proj_in", "ff.net.2", "conv1"))
     pipe.unet.set_adapters(["pos", "neg"])
     return pipe
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def pipe(request):
+    return _with_adapters(tiny_sd_pipeline(request.param, seed=3))
 
 def _run(pipe, **kwargs):
     args = dict(prompt=PROMPTS[:1], num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent",
@@ -281,6 +283,51 @@ def test_img2img_matches_reference(pipe):
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     run = _caller(img2img, image=image, strength=0.7, num_inference_steps=4)
     _check(img2img, dict(guidance="contrastive", strength=1.5, stop=0.5), run=run)
+
+@pytest.mark.parametrize("unet_in_channels", [4, 9])
+def test_inpaint_matches_reference(pipe, unet_in_channels):
+    """A plain (4-channel) UNet, whose latents the pipeline blends with the masked image, and an inpainting UNet
+    (9 channels: latents, mask, masked-image latents replicated per branch)."""
+    from diffusers import StableDiffusionPipeline
+
+    source = pipe
+    if unet_in_channels == 9:
+        kind = "sd15" if isinstance(pipe, StableDiffusionPipeline) else "sdxl"
+        source = _with_adapters(tiny_sd_pipeline(kind, seed=3, unet_in_channels=9))
+    inpaint = _pipeline_like(source, "StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline")
+    generator = torch.Generator().manual_seed(1)
+    image = torch.rand(1, 3, 32, 32, generator=generator)
+    mask = (torch.rand(1, 1, 32, 32, generator=generator) > 0.5).float()
+    run = _caller(inpaint, image=image, mask_image=mask, strength=0.9, num_inference_steps=3, height=32, width=32)
+    rows = []
+    _check(inpaint, dict(guidance="contrastive", strength=1.5), dict(guidance_rescale=0.3), rows=rows, run=run)
+    assert rows == [6] * inpaint.num_timesteps  # one UNet call of 6 rows per scheduler call
+
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_controlnet_matches_reference_and_runs_once_per_conditioning_row(pipe, guess_mode):
+    """The ControlNet runs on the pipeline's CFG batch (2 rows, or the cond row in guess mode) once per step, and
+    its residuals are replicated to every branch row of the one UNet call."""
+    from cgkernels.testing import tiny_controlnet
+
+    from diffusers import StableDiffusionPipeline
+
+    controlnet = tiny_controlnet("sd15" if isinstance(pipe, StableDiffusionPipeline) else "sdxl", seed=4)
+    pipeline = _pipeline_like(pipe, "StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline",
+                              controlnet=controlnet)
+    control = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    run = _caller(pipeline, image=control, num_inference_steps=3, height=32, width=32, guess_mode=guess_mode)
+    unet_rows, controlnet_rows = [], []
+    hook = controlnet.conv_in.register_forward_pre_hook(lambda m, a: controlnet_rows.append(a[0].shape[0]))
+    try:
+        out = _check(pipeline, dict(guidance="contrastive", strength=1.5), rows=unet_rows, run=run)
+    finally:
+        hook.remove()
+    steps = len(unet_rows)
+    assert unet_rows == [6] * steps and steps == pipeline.num_timesteps  # one UNet call per scheduler call
+    # the reference, the patched run and the base run each ran the ControlNet once per step on the CFG batch
+    assert controlnet_rows == [1 if guess_mode else 2] * (3 * steps)
+    # the residuals must matter, or replicating them proves nothing
+    assert (run(pipeline) - run(pipeline, controlnet_conditioning_scale=0.0)).abs().max() > 1e-2
 
 def test_unpatch_restores_bit_for_bit(pipe):
     before = _run(pipe)
