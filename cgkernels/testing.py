@@ -10,7 +10,7 @@ import tempfile
 
 import torch
 
-__all__ = ["build_clip_tokenizer", "tiny_sd_pipeline", "tiny_controlnet", "add_random_lora", "save_lora", "DEFAULT_WORDS",
+__all__ = ["build_clip_tokenizer", "tiny_sd_pipeline", "tiny_controlnet", "add_random_ip_adapter", "add_random_lora", "save_lora", "DEFAULT_WORDS",
            "FP32_UNET_REL", "fp32_merge_atol"]
 
 # One fp32 forward of the tiny test UNets (with or without LoRA, batch 2 or 6) differs from the same forward in
@@ -240,6 +240,33 @@ def tiny_controlnet(kind: str = "sd15", *, seed: int = 0, init_scale: float = 0.
             for param in module.parameters():
                 param.copy_(torch.randn(param.shape, generator=generator) * init_scale)
     return controlnet.eval()
+
+
+def add_random_ip_adapter(pipe, *, image_embed_dim: int = 16, seed: int = 0, init_scale: float = 0.2):
+    """Load an IP-Adapter (the basic one: a linear image projection to 4 tokens, and to_k_ip / to_v_ip in every
+    cross-attention) with random weights into pipe.unet, as pipe.load_ip_adapter would from a file. Call the
+    pipeline with ip_adapter_image_embeds=[tensor of shape (2 * batch, 1, image_embed_dim)] (negative, positive):
+    no image encoder is needed."""
+    unet = pipe.unet
+    cross_dim = unet.config.cross_attention_dim
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=generator) * (init_scale / shape[-1] ** 0.5)
+
+    image_proj = {"proj.weight": rand(4 * cross_dim, image_embed_dim), "proj.bias": rand(4 * cross_dim),
+                  "norm.weight": 1.0 + rand(cross_dim), "norm.bias": rand(cross_dim)}
+    ip_layers, key_id = {}, 1  # diffusers numbers the cross-attention processors 1, 3, 5, ...
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        hidden = unet.get_submodule(name[: -len(".processor")]).to_k.out_features  # nn.Linear or peft's wrapper
+        ip_layers[f"{key_id}.to_k_ip.weight"] = rand(hidden, cross_dim) * cross_dim**0.5
+        ip_layers[f"{key_id}.to_v_ip.weight"] = rand(hidden, cross_dim) * cross_dim**0.5
+        key_id += 2
+    unet._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": ip_layers}], low_cpu_mem_usage=False)
+    unet.to(pipe.dtype)
+    return pipe
 
 
 def add_random_lora(

@@ -329,6 +329,24 @@ def test_controlnet_matches_reference_and_runs_once_per_conditioning_row(pipe, g
     # the residuals must matter, or replicating them proves nothing
     assert (run(pipeline) - run(pipeline, controlnet_conditioning_scale=0.0)).abs().max() > 1e-2
 
+def test_ip_adapter_matches_reference(pipe):
+    """IP-Adapter image embeds (a list inside added_cond_kwargs) are replicated per branch like every other input."""
+    from diffusers import StableDiffusionPipeline
+
+    from cgkernels.testing import add_random_ip_adapter
+
+    kind = "sd15" if isinstance(pipe, StableDiffusionPipeline) else "sdxl"
+    ip_pipe = _with_adapters(tiny_sd_pipeline(kind, seed=3))  # own pipeline: IP-Adapter changes the UNet
+    add_random_ip_adapter(ip_pipe, image_embed_dim=16, seed=5)
+    embeds = [torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(3))]  # negative, positive
+    run = _caller(ip_pipe, ip_adapter_image_embeds=embeds, num_inference_steps=3)
+    rows = []
+    _check(ip_pipe, dict(guidance="contrastive", strength=1.5), rows=rows, run=run)
+    assert rows == [6] * ip_pipe.num_timesteps
+    # the image embeds must matter, or replicating them proves nothing
+    other = [torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(4))]
+    assert (run(ip_pipe) - run(ip_pipe, ip_adapter_image_embeds=other)).abs().max() > 1e-2
+
 def test_unpatch_restores_bit_for_bit(pipe):
     before = _run(pipe)
     unet_forward_in_dict = "forward" in pipe.unet.__dict__
