@@ -20,6 +20,7 @@ forward then reads that pipeline's own guidance settings, or refuses a pipeline 
 """
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_CALLER_FRAMES = 8
 
 
+@functools.cache  # called on every UNet call made by a pipeline sharing the patched UNet
 def supported_pipeline_classes() -> tuple[type, ...]:
     import diffusers
 
@@ -120,7 +122,6 @@ class AdapterGuard:
         adapters and set_adapters weights (mode "cfg"), so changes to those matter too."""
         self.unet = unet
         self.configs = dict(getattr(unet, "peft_config", None) or {})
-        self.watch_user_settings = watch_user_settings
         self.layers = []
         for name, layer in layers:
             stamp = _LayerStamp(name, layer, layer.lora_A._modules, layer.lora_B._modules)

@@ -6,7 +6,7 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 import cgkernels
-from cgkernels.testing import add_random_lora, tiny_sd_pipeline
+from cgkernels.testing import FP32_UNET_REL, add_random_lora, tiny_sd_pipeline
 
 PROMPT = "a red circle"
 
@@ -38,7 +38,8 @@ def test_fuse_lora_after_patch_is_refused_until_unfused(pipe):
     with pytest.raises(ValueError, match=r"fused into pipe.unet's base weights .*pipe.unfuse_lora\(\)"):
         _run(pipe)
     pipe.unfuse_lora()
-    torch.testing.assert_close(_run(pipe), guided, rtol=0, atol=1e-5)  # unfusing restores W up to rounding
+    # unfusing restores W within fp32 rounding of W itself, well inside one UNet forward's own rounding bound
+    torch.testing.assert_close(_run(pipe), guided, rtol=0, atol=FP32_UNET_REL * guided.abs().max().item())
     cgkernels.unpatch(pipe)
 
 
