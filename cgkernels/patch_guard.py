@@ -13,7 +13,8 @@ host before guided UNet calls:
   merged (fused) adapters and, in mode "cfg", its active adapters and their scaling (set_adapters, disable_lora).
 
 A change raises a ValueError that says what changed and what to do. Changes made mid-call (from a step callback)
-are caught at the next pipeline call.
+are caught at the next pipeline call. Not detected: writes through `.data` (they bypass version counters), which is
+how peft's LoRA hotswap (`load_lora_weights(..., hotswap=True)`) copies weights: unpatch before hotswapping.
 
 Pipelines sharing the patched UNet (e.g. built from `pipe.components`) are found by `calling_pipeline`: the guided
 forward then reads that pipeline's own guidance settings, or refuses a pipeline class cgkernels does not support.
