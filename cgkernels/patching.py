@@ -26,8 +26,10 @@ unpatched pipeline it multiplies the active adapters). Adapters (and their weigh
 after loading them, and patch again after changing them. Only UNet adapters are branch-specific: LoRA layers on the
 text encoders run as the user set them and feed the same prompt embeddings to every branch.
 
-The patched UNet reads guidance_scale, guidance_rescale, do_classifier_free_guidance and the scheduler from `pipe`:
-another pipeline sharing the UNet (e.g. built from pipe.components) must not call it while `pipe` is patched.
+The patched UNet reads guidance_scale, guidance_rescale, do_classifier_free_guidance and the scheduler from the
+pipeline that calls it: `pipe`, or another supported pipeline sharing the UNet (e.g. built from pipe.components);
+direct UNet calls read them from `pipe`. Adapters changed, fused or deleted after patching, and unsupported
+pipelines or dtypes, are refused with a ValueError (cgkernels.patch_guard).
 """
 from __future__ import annotations
 
@@ -41,22 +43,11 @@ import torch
 from cgkernels.guidance import USER, GuidanceConfig, RowPlan, is_guided_step, mode_mixes, row_plan
 from cgkernels.lora_layers import attach_segmented_lora, loaded_adapters, lora_layers, segment_routing
 from cgkernels.ops import guidance_merge
+from cgkernels.patch_guard import AdapterGuard, calling_pipeline, check_dtype, check_pipeline, guidance_pipeline
 
 __all__ = ["patch", "unpatch", "is_patched"]
 
 _STATE_ATTR = "_cgkernels_patch"
-
-
-def _supported_pipeline_classes():
-    from diffusers import (
-        StableDiffusionImg2ImgPipeline,
-        StableDiffusionPipeline,
-        StableDiffusionXLImg2ImgPipeline,
-        StableDiffusionXLPipeline,
-    )
-
-    return (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionXLPipeline,
-            StableDiffusionXLImg2ImgPipeline)
 
 
 @dataclass
@@ -95,14 +86,13 @@ def patch(
     Adapters enter at their configured scale (set_adapters weights are ignored, except by mode "cfg"), are read
     now (patch after loading them), and only UNet adapters are branch-specific: see the module docstring.
     """
-    if not isinstance(pipe, _supported_pipeline_classes()):
-        names = ", ".join(c.__name__ for c in _supported_pipeline_classes())
-        raise ValueError(f"cgkernels.patch supports {names}; got {type(pipe).__name__}")
+    check_pipeline(pipe)
     if is_patched(pipe):
         raise ValueError("this pipeline is already patched; call cgkernels.unpatch(pipe) first")
     config = GuidanceConfig(guidance, positive, negative, strength, start, stop, merge_weight)
     config.validate()
     unet = pipe.unet
+    check_dtype(unet)
     if "forward" in unet.__dict__ and getattr(unet.forward, "_cgkernels_patched", False):
         raise ValueError("pipe.unet is already patched (shared with another pipeline?); unpatch that one first")
     loaded = loaded_adapters(unet)
@@ -129,8 +119,12 @@ def patch(
         signature=inspect.signature(original_forward),
     )
 
+    guard = AdapterGuard(unet, lora_layers(unet), watch_user_settings=config.mode == "cfg")
+
     def patched_forward(*args, **kwargs):
-        return _guided_forward(pipe, state, args, kwargs)
+        caller = calling_pipeline()
+        guard.check(caller)
+        return _guided_forward(guidance_pipeline(pipe, caller), state, args, kwargs)
 
     patched_forward._cgkernels_patched = True
     unet.forward = patched_forward

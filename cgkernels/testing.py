@@ -13,8 +13,28 @@ import torch
 
 __all__ = [
     "build_clip_tokenizer", "build_t5_tokenizer", "tiny_sd_pipeline", "tiny_sd3_pipeline", "tiny_flux_pipeline",
-    "add_random_lora", "save_lora", "denoiser", "DEFAULT_WORDS", "SD3_LORA_TARGETS", "FLUX_LORA_TARGETS",
+    "tiny_controlnet", "add_random_ip_adapter", "add_random_lora", "save_lora", "denoiser", "DEFAULT_WORDS",
+    "SD3_LORA_TARGETS", "FLUX_LORA_TARGETS", "FP32_UNET_REL", "fp32_merge_atol",
 ]
+
+# One fp32 forward of the tiny test UNets (with or without LoRA, batch 2 or 6) differs from the same forward in
+# float64 by at most 1e-6 of the output's largest magnitude: measured 6.4e-7 .. 9.7e-7 for SD1.5- and SDXL-shaped
+# UNets under ATEN_CPU_CAPABILITY=default, avx2 and avx512. The bound below leaves a 10x margin for other CPUs and
+# BLAS blockings; it is what fp32 comparisons between two computation orders in the tests are derived from.
+FP32_UNET_REL = 1e-5
+
+
+def fp32_merge_atol(coeffs, branch_scale: float, *, rescale: float = 0.0, rel: float = FP32_UNET_REL) -> float:
+    """Largest |difference| to expect between two fp32 evaluations of a guidance merge sum_k coeffs[k] * branch_k
+    computed in different orders (one batched UNet call vs one call per branch, other kernels or thread counts).
+
+    Each evaluation's branch k is off from float64 by at most rel * branch_scale (branch_scale: the largest
+    |branch output|), the merge weighs those errors by |coeffs[k]|, and the two evaluations' errors may add. Guidance
+    rescale multiplies the merged prediction by phi * std(ref) / std(eps) + (1 - phi), whose own rounding is of the
+    same order: allow (1 + rescale) times more.
+    """
+    return 2.0 * rel * float(branch_scale) * sum(abs(float(c)) for c in coeffs) * (1.0 + float(rescale))
+
 
 DEFAULT_WORDS = (
     "a an the photo of large small red green blue yellow white black circle square triangle on at in top bottom "
@@ -108,14 +128,14 @@ def _text_encoder(vocab_size: int, *, with_projection: bool, seed: int):
     return model_cls(config).eval()
 
 
-def _unet(kind: str, seed: int):
+def _unet(kind: str, seed: int, in_channels: int = 4):
     from diffusers import UNet2DConditionModel
 
     common = dict(
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=16,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -155,10 +175,13 @@ def _vae(seed: int, **overrides):
     return AutoencoderKL(**config)
 
 
-def tiny_sd_pipeline(kind: str = "sd15", *, dtype: torch.dtype = torch.float32, seed: int = 0, words=DEFAULT_WORDS):
+def tiny_sd_pipeline(kind: str = "sd15", *, dtype: torch.dtype = torch.float32, seed: int = 0, words=DEFAULT_WORDS,
+                     unet_in_channels: int = 4):
     """A StableDiffusionPipeline ("sd15") or StableDiffusionXLPipeline ("sdxl") with tiny random components.
 
     Latents are 4x16x16 (images 32x32). The pipeline round-trips through save_pretrained / from_pretrained.
+    unet_in_channels=9 makes the UNet an inpainting UNet (latents + mask + masked-image latents), for building the
+    inpainting pipelines from `pipe.components`.
     """
     from diffusers import (
         EulerDiscreteScheduler,
@@ -172,7 +195,7 @@ def tiny_sd_pipeline(kind: str = "sd15", *, dtype: torch.dtype = torch.float32, 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_clip_tokenizer(words, tmp)
     vocab_size = len(tokenizer)
-    unet, vae = _unet(kind, seed), _vae(seed + 1)
+    unet, vae = _unet(kind, seed, unet_in_channels), _vae(seed + 1)
     if kind == "sd15":
         scheduler = PNDMScheduler(
             beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
@@ -337,6 +360,48 @@ def denoiser(pipe) -> torch.nn.Module:
         if model is not None:
             return model
     raise TypeError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+
+
+def tiny_controlnet(kind: str = "sd15", *, seed: int = 0, init_scale: float = 0.05):
+    """A ControlNetModel for tiny_sd_pipeline(kind) (conditioning images 32x32, as the pipeline's images), made from
+    a tiny UNet of that kind; its zero-initialised output convolutions are made random, so that its residuals
+    visibly change the UNet output."""
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_unet(_unet(kind, seed), conditioning_embedding_out_channels=(16, 32))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            for param in module.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator) * init_scale)
+    return controlnet.eval()
+
+
+def add_random_ip_adapter(pipe, *, image_embed_dim: int = 16, seed: int = 0, init_scale: float = 0.2):
+    """Load an IP-Adapter (the basic one: a linear image projection to 4 tokens, and to_k_ip / to_v_ip in every
+    cross-attention) with random weights into pipe.unet, as pipe.load_ip_adapter would from a file. Call the
+    pipeline with ip_adapter_image_embeds=[tensor of shape (2 * batch, 1, image_embed_dim)] (negative, positive):
+    no image encoder is needed."""
+    unet = pipe.unet
+    cross_dim = unet.config.cross_attention_dim
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=generator) * (init_scale / shape[-1] ** 0.5)
+
+    image_proj = {"proj.weight": rand(4 * cross_dim, image_embed_dim), "proj.bias": rand(4 * cross_dim),
+                  "norm.weight": 1.0 + rand(cross_dim), "norm.bias": rand(cross_dim)}
+    ip_layers, key_id = {}, 1  # diffusers numbers the cross-attention processors 1, 3, 5, ...
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        hidden = unet.get_submodule(name[: -len(".processor")]).to_k.out_features  # nn.Linear or peft's wrapper
+        ip_layers[f"{key_id}.to_k_ip.weight"] = rand(hidden, cross_dim) * cross_dim**0.5
+        ip_layers[f"{key_id}.to_v_ip.weight"] = rand(hidden, cross_dim) * cross_dim**0.5
+        key_id += 2
+    unet._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": ip_layers}], low_cpu_mem_usage=False)
+    unet.to(pipe.dtype)
+    return pipe
 
 
 def add_random_lora(

@@ -4,7 +4,7 @@ import torch
 
 import cgkernels
 from cgkernels.guidance import COND, UNCOND, GuidanceConfig, is_guided_step, row_plan
-from cgkernels.testing import add_random_lora, tiny_sd_pipeline
+from cgkernels.testing import add_random_lora, fp32_merge_atol, tiny_sd_pipeline
 
 def test_row_counts_and_coefficients():
     expected_rows = {"contrastive": 6, "contrastive-cond": 4, "pgd": 4, "npo": 2, "merged": 2, "cfg": 2}
@@ -65,11 +65,18 @@ def test_guider_matches_patched_unet(pipe, mode):
         u, c = pipe.unet(torch.cat([latents] * 2), t, torch.cat([uncond, cond]), return_dict=False)[0].chunk(2)
         pipe.unet.enable_lora()
     assert n_branches == {"contrastive": 6, "contrastive-cond": 4, "pgd": 4, "npo": 2}[mode]
-    torch.testing.assert_close(pred, patched[:2], rtol=1e-4, atol=1e-5)
+    # The guider (one UNet call per branch) and the one-pass path (one batched call) round differently: the bound is
+    # derived from the branch magnitudes and the merge coefficients, not from one CPU's observed differences.
+    plan = row_plan(GuidanceConfig(mode=mode, strength=s, merge_weight=0.3), cfg=True, guidance_scale=g)
+    branch_scale = torch.cat([u, c]).abs().max().item()
+    atol = fp32_merge_atol(plan.coeffs, branch_scale, rescale=phi)
+    torch.testing.assert_close(pred, patched[:2], rtol=0, atol=atol)
+    assert (pred - base_pred).abs().max() > 50 * atol  # the adapters' effect dwarfs the tolerance
     torch.testing.assert_close(patched[:2], patched[2:], rtol=0, atol=0)
     # outside [start, stop): plain base-model CFG with rescale
     from diffusers.guiders.guider_utils import rescale_noise_cfg
 
     assert n_base == 2
-    torch.testing.assert_close(base_pred, rescale_noise_cfg(u + g * (c - u), c, phi), rtol=1e-4, atol=1e-5)
+    expected = rescale_noise_cfg(u + g * (c - u), c, phi)
+    torch.testing.assert_close(base_pred, expected, rtol=0, atol=fp32_merge_atol((1 - g, g), branch_scale, rescale=phi))
     assert scaling_before == scaling_after

@@ -149,7 +149,7 @@ def test_dropout_only_in_train_mode_and_only_on_adapter_rows():
     assert not torch.allclose(train_out[1:], eval_out[1:])
 
 def test_unet_routing_matches_per_adapter_calls():
-    from cgkernels.testing import add_random_lora, tiny_sd_pipeline
+    from cgkernels.testing import add_random_lora, fp32_merge_atol, tiny_sd_pipeline
 
     pipe = tiny_sd_pipeline("sd15")
     add_random_lora(pipe, "pos", rank=4, seed=1)
@@ -175,7 +175,8 @@ def test_unet_routing_matches_per_adapter_calls():
         with segment_routing([(1, "pos"), (1, "neg"), (1, None)]):
             out = unet(sample, t, text, return_dict=False)[0]
         handle.detach()
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    # one batched UNet call vs one call per branch: fp32 rounding bound from the output magnitude
+    torch.testing.assert_close(out, expected, rtol=0, atol=fp32_merge_atol([1.0], expected.abs().max()))
 
 def test_lora_scale_configured_scaling_and_cast_after_attach():
     """Mixes use each adapter's configured scale (lora_alpha / r), not peft's live `scaling` (set_adapters weights,

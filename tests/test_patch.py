@@ -13,14 +13,13 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 import cgkernels
-from cgkernels.testing import add_random_lora, tiny_sd_pipeline
+from cgkernels.guidance import GuidanceConfig, row_plan
+from cgkernels.testing import add_random_lora, fp32_merge_atol, tiny_sd_pipeline
 
 PROMPTS = ["a red circle", "a blue square at the top left"]
 STEPS = 3
 
-@pytest.fixture(scope="module", params=["sd15", "sdxl"])
-def pipe(request):
-    pipe = tiny_sd_pipeline(request.param, seed=3)
+def _with_adapters(pipe):
     add_random_lora(pipe, "pos", rank=4, seed=1, lora_alpha=6)
     # "neg": another rank and other targets, so some layers hold only one of the adapters; conv1 (3x3) exercises
     # the segmented conv fallback and SD1.5's proj_in the 1x1-conv path.
@@ -28,6 +27,10 @@ def pipe(request):
                     target_modules=("to_k", "to_v", "proj_in", "ff.net.2", "conv1"))
     pipe.unet.set_adapters(["pos", "neg"])
     return pipe
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def pipe(request):
+    return _with_adapters(tiny_sd_pipeline(request.param, seed=3))
 
 def _run(pipe, **kwargs):
     args = dict(prompt=PROMPTS[:1], num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent",
@@ -43,6 +46,7 @@ class Reference:
         self.pipe, self.mode, self.s, self.mw = pipe, mode, strength, merge_weight
         self.start, self.stop, self.user, self.lora_scale = start, stop, list(user), lora_scale
         self.step = 0
+        self.unet_calls, self.branch_scale = 0, 0.0  # what the fp32 rounding bound of a comparison scales with
 
     def __enter__(self):
         self.original = self.pipe.unet.forward
@@ -58,7 +62,7 @@ class Reference:
         self.step = i + 1
         return {}
 
-    def branch(self, adapters, half, sample, t, ehs, added):
+    def branch(self, adapters, half, sample, t, ehs, unet_kwargs):
         unet = self.pipe.unet
         if adapters is None:
             unet.disable_lora()
@@ -67,12 +71,15 @@ class Reference:
             unet.set_adapters(list(adapters), [w * self.lora_scale for w in adapters.values()])
         n = sample.shape[0] // self.halves
         rows = slice(half * n, (half + 1) * n) if self.halves == 2 else slice(0, n)
-        added_rows = None if added is None else {k: v[rows] for k, v in added.items()}
-        out = self.original(sample[rows], t, ehs[rows], added_cond_kwargs=added_rows, return_dict=False)[0]
+        kwargs_rows = _rows_of(unet_kwargs, rows, sample.shape[0])
+        out = self.original(sample[rows], t, ehs[rows], **kwargs_rows, return_dict=False)[0]
+        self.branch_scale = max(self.branch_scale, out.abs().max().item())
         return out.double()
 
-    def forward(self, sample, t, encoder_hidden_states=None, added_cond_kwargs=None, return_dict=True, **kw):
+    def forward(self, sample, t, encoder_hidden_states=None, return_dict=True, **unet_kwargs):
+        unet_kwargs.pop("cross_attention_kwargs", None)  # the LoRA scale enters through set_adapters weights instead
         pipe, s, g = self.pipe, self.s, self.pipe.guidance_scale
+        self.unet_calls += 1
         self.halves = 2 if pipe.do_classifier_free_guidance else 1
         # scheduler steps: a second-order scheduler (Heun) makes two UNet calls (loop iterations) per step
         order = pipe.scheduler.order
@@ -80,7 +87,7 @@ class Reference:
         guided = int(self.start * n_steps) <= self.step // order < int(self.stop * n_steps)
 
         def ev(adapters, half):
-            return self.branch(adapters, half, sample, t, encoder_hidden_states, added_cond_kwargs)
+            return self.branch(adapters, half, sample, t, encoder_hidden_states, unet_kwargs)
 
         pos, neg = {"pos": 1.0}, {"neg": 1.0}
         U, C = 0, 1
@@ -115,10 +122,35 @@ class Reference:
             eps = e[C] + extra
         return (torch.cat([eps] * self.halves).to(sample.dtype),)
 
-def _reference(pipe, mode, patch_kwargs, call_kwargs, lora_scale=1.0):
+def _rows_of(value, rows: slice, batch: int):
+    """`value` with every tensor whose dim 0 is the UNet batch cut to `rows` (through dicts, lists and tuples:
+    added_cond_kwargs, IP-Adapter image embeds, ControlNet residuals)."""
+    if isinstance(value, torch.Tensor):
+        return value[rows] if value.dim() > 0 and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {k: _rows_of(v, rows, batch) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_rows_of(v, rows, batch) for v in value)
+    return value
+
+def _reference(pipe, mode, patch_kwargs, call_kwargs, lora_scale=1.0, run=_run):
+    """(latents, the Reference that made them)."""
     ref = Reference(pipe, mode, **{k: v for k, v in patch_kwargs.items() if k != "guidance"}, lora_scale=lora_scale)
     with ref:
-        return _run(pipe, callback_on_step_end=ref.callback, **call_kwargs)
+        return run(pipe, callback_on_step_end=ref.callback, **call_kwargs), ref
+
+def _atol(pipe, ref, patch_kwargs, call_kwargs) -> float:
+    """Bound on the fp32 rounding difference between patched and reference latents, from the magnitudes involved:
+    each UNet call's merged prediction may differ by fp32_merge_atol (the branch magnitudes the reference saw, the
+    mode's merge coefficients); a scheduler step adds the prediction scaled by at most max(1, init_noise_sigma)
+    (Euler / Heun: sigma_max ~ 15, PNDM: 1); the calls' differences may add up."""
+    g = call_kwargs.get("guidance_scale", 5.0)
+    config = GuidanceConfig(patch_kwargs["guidance"], strength=patch_kwargs.get("strength", 1.0),
+                            merge_weight=patch_kwargs.get("merge_weight", 0.0))
+    plan = row_plan(config, cfg=g > 1, guidance_scale=g, user_mix="user")
+    sigma = max(1.0, float(pipe.scheduler.init_noise_sigma))
+    return ref.unet_calls * sigma * fp32_merge_atol(plan.coeffs, ref.branch_scale,
+                                                     rescale=call_kwargs.get("guidance_rescale", 0.0))
 
 @contextlib.contextmanager
 def _count_rows(pipe, rows):
@@ -132,22 +164,23 @@ def _count_rows(pipe, rows):
     finally:
         hook.remove()
 
-def _check(pipe, patch_kwargs, call_kwargs=None, rtol=2e-4, atol=5e-5, rows=None):
-    """Patched latents == reference latents; `rows` collects the UNet batch size of each patched call.
-    (fp32 rounding, amplified by g and strength; Euler's latents start at sigma_max ~ 15.)"""
+def _check(pipe, patch_kwargs, call_kwargs=None, rows=None, run=_run):
+    """Patched latents == reference latents up to fp32 rounding (`_atol`); `rows` collects the UNet batch size of
+    each patched call; `run(pipe, **call_kwargs)` calls the pipeline."""
     call_kwargs = call_kwargs or {}
     mode = patch_kwargs["guidance"]
-    expected = _reference(pipe, mode, patch_kwargs, call_kwargs)
+    expected, ref = _reference(pipe, mode, patch_kwargs, call_kwargs, run=run)
     cgkernels.patch(pipe, **patch_kwargs)
     try:
         with _count_rows(pipe, rows):
-            out = _run(pipe, **call_kwargs)
+            out = run(pipe, **call_kwargs)
     finally:
         cgkernels.unpatch(pipe)
-    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
-    base = _run(pipe, **call_kwargs)
-    if mode != "cfg":  # the adapters must matter, or the comparison proves nothing
-        assert (out - base).abs().max() > 1e-3
+    atol = _atol(pipe, ref, patch_kwargs, call_kwargs)
+    torch.testing.assert_close(out, expected, rtol=0, atol=atol)
+    base = run(pipe, **call_kwargs)
+    if mode != "cfg":  # the adapters must matter far beyond the tolerance, or the comparison proves nothing
+        assert (out - base).abs().max() > 10 * atol
     return out
 
 @pytest.mark.parametrize("mode", ["contrastive", "contrastive-cond", "pgd", "npo", "merged", "cfg"])
@@ -183,8 +216,7 @@ def test_second_order_scheduler_guides_whole_steps(pipe):
     try:
         rows = []
         # Heun's latents start at sigma_max ~ 15: the same fp32 rounding is larger in absolute terms
-        _check(pipe, dict(guidance="contrastive", strength=1.5, stop=0.5), dict(num_inference_steps=2), rows=rows,
-               rtol=1e-3, atol=1e-4)
+        _check(pipe, dict(guidance="contrastive", strength=1.5, stop=0.5), dict(num_inference_steps=2), rows=rows)
         assert rows == [6, 6, 2]  # 3 calls: step 0 (calls 0, 1) guided, step 1 (call 2) not
         rows.clear()
         cgkernels.patch(pipe, guidance="pgd", strength=0.5, stop=0.5)
@@ -202,7 +234,8 @@ def test_adapter_weights_and_lora_scale(pipe):
     """Preference modes use the adapters at their configured scale whatever set_adapters holds, and the LoRA
     `scale` multiplies every adapter delta; mode "cfg" runs exactly what the unpatched pipeline runs."""
     scaled = dict(cross_attention_kwargs={"scale": 0.5}, num_inference_steps=2)
-    expected = _reference(pipe, "npo", dict(guidance="npo", strength=1.5), scaled, lora_scale=0.5)
+    expected, ref = _reference(pipe, "npo", dict(guidance="npo", strength=1.5), scaled, lora_scale=0.5)
+    atol = _atol(pipe, ref, dict(guidance="npo", strength=1.5), scaled)
     pipe.unet.set_adapters(["pos"], [0.3])  # neg inactive, pos down-weighted: neither may leak into the modes
     try:
         cgkernels.patch(pipe, guidance="npo", strength=1.5)
@@ -210,7 +243,7 @@ def test_adapter_weights_and_lora_scale(pipe):
             out = _run(pipe, **scaled)
         finally:
             cgkernels.unpatch(pipe)
-        torch.testing.assert_close(out, expected, rtol=2e-4, atol=2e-5)
+        torch.testing.assert_close(out, expected, rtol=0, atol=atol)
 
         pipe.unet.set_adapters(["pos", "neg"], [0.6, 1.4])
         unpatched = _run(pipe, **scaled)
@@ -220,28 +253,99 @@ def test_adapter_weights_and_lora_scale(pipe):
             out = _run(pipe, **scaled)
         finally:
             cgkernels.unpatch(pipe)
-        torch.testing.assert_close(out, unpatched, rtol=2e-4, atol=2e-5)
+        # the same pipeline, steps and magnitudes as above; plain CFG's coefficients (1 - g, g) are smaller than npo's
+        torch.testing.assert_close(out, unpatched, rtol=0, atol=atol)
     finally:
         pipe.unet.set_adapters(["pos", "neg"])
 
-def test_img2img_matches_reference(pipe):
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline
+def _pipeline_like(pipe, sd_class: str, sdxl_class: str, **extra_components):
+    """Another pipeline class over `pipe`'s components (SD1.5 or SDXL flavour), progress bar off."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
 
-    cls = StableDiffusionImg2ImgPipeline if isinstance(pipe, StableDiffusionPipeline) else StableDiffusionXLImg2ImgPipeline
-    img2img = cls(**pipe.components)
-    img2img.set_progress_bar_config(disable=True)
+    cls = getattr(diffusers, sd_class if isinstance(pipe, StableDiffusionPipeline) else sdxl_class)
+    other = cls(**pipe.components, **extra_components)
+    other.set_progress_bar_config(disable=True)
+    return other
+
+def _caller(pipe, **fixed):
+    """A `run` for _check: calls `pipe` with `fixed` plus the call's own arguments."""
+    def run(p, **kwargs):
+        args = dict(prompt=PROMPTS[0], guidance_scale=5.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(0))
+        args.update(fixed)
+        args.update(kwargs)
+        return p(**args).images
+    return run
+
+def test_img2img_matches_reference(pipe):
+    img2img = _pipeline_like(pipe, "StableDiffusionImg2ImgPipeline", "StableDiffusionXLImg2ImgPipeline")
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    call = dict(prompt=PROMPTS[0], image=image, strength=0.7, num_inference_steps=4, guidance_scale=5.0,
-                output_type="latent")
-    ref = Reference(img2img, "contrastive", strength=1.5, stop=0.5)
-    with ref:
-        expected = img2img(**call, generator=torch.Generator().manual_seed(0), callback_on_step_end=ref.callback).images
-    cgkernels.patch(img2img, guidance="contrastive", strength=1.5, stop=0.5)
+    run = _caller(img2img, image=image, strength=0.7, num_inference_steps=4)
+    _check(img2img, dict(guidance="contrastive", strength=1.5, stop=0.5), run=run)
+
+@pytest.mark.parametrize("unet_in_channels", [4, 9])
+def test_inpaint_matches_reference(pipe, unet_in_channels):
+    """A plain (4-channel) UNet, whose latents the pipeline blends with the masked image, and an inpainting UNet
+    (9 channels: latents, mask, masked-image latents replicated per branch)."""
+    from diffusers import StableDiffusionPipeline
+
+    source = pipe
+    if unet_in_channels == 9:
+        kind = "sd15" if isinstance(pipe, StableDiffusionPipeline) else "sdxl"
+        source = _with_adapters(tiny_sd_pipeline(kind, seed=3, unet_in_channels=9))
+    inpaint = _pipeline_like(source, "StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline")
+    generator = torch.Generator().manual_seed(1)
+    image = torch.rand(1, 3, 32, 32, generator=generator)
+    mask = (torch.rand(1, 1, 32, 32, generator=generator) > 0.5).float()
+    run = _caller(inpaint, image=image, mask_image=mask, strength=0.9, num_inference_steps=3, height=32, width=32)
+    rows = []
+    _check(inpaint, dict(guidance="contrastive", strength=1.5), dict(guidance_rescale=0.3), rows=rows, run=run)
+    assert rows == [6] * inpaint.num_timesteps  # one UNet call of 6 rows per scheduler call
+
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_controlnet_matches_reference_and_runs_once_per_conditioning_row(pipe, guess_mode):
+    """The ControlNet runs on the pipeline's CFG batch (2 rows, or the cond row in guess mode) once per step, and
+    its residuals are replicated to every branch row of the one UNet call."""
+    from cgkernels.testing import tiny_controlnet
+
+    from diffusers import StableDiffusionPipeline
+
+    controlnet = tiny_controlnet("sd15" if isinstance(pipe, StableDiffusionPipeline) else "sdxl", seed=4)
+    pipeline = _pipeline_like(pipe, "StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline",
+                              controlnet=controlnet)
+    control = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    run = _caller(pipeline, image=control, num_inference_steps=3, height=32, width=32, guess_mode=guess_mode)
+    unet_rows, controlnet_rows = [], []
+    hook = controlnet.conv_in.register_forward_pre_hook(lambda m, a: controlnet_rows.append(a[0].shape[0]))
     try:
-        out = img2img(**call, generator=torch.Generator().manual_seed(0)).images
+        out = _check(pipeline, dict(guidance="contrastive", strength=1.5), rows=unet_rows, run=run)
     finally:
-        cgkernels.unpatch(img2img)
-    torch.testing.assert_close(out, expected, rtol=2e-4, atol=2e-5)
+        hook.remove()
+    steps = len(unet_rows)
+    assert unet_rows == [6] * steps and steps == pipeline.num_timesteps  # one UNet call per scheduler call
+    # the reference, the patched run and the base run each ran the ControlNet once per step on the CFG batch
+    assert controlnet_rows == [1 if guess_mode else 2] * (3 * steps)
+    # the residuals must matter, or replicating them proves nothing
+    assert (run(pipeline) - run(pipeline, controlnet_conditioning_scale=0.0)).abs().max() > 1e-2
+
+def test_ip_adapter_matches_reference(pipe):
+    """IP-Adapter image embeds (a list inside added_cond_kwargs) are replicated per branch like every other input."""
+    from diffusers import StableDiffusionPipeline
+
+    from cgkernels.testing import add_random_ip_adapter
+
+    kind = "sd15" if isinstance(pipe, StableDiffusionPipeline) else "sdxl"
+    ip_pipe = _with_adapters(tiny_sd_pipeline(kind, seed=3))  # own pipeline: IP-Adapter changes the UNet
+    add_random_ip_adapter(ip_pipe, image_embed_dim=16, seed=5)
+    embeds = [torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(3))]  # negative, positive
+    run = _caller(ip_pipe, ip_adapter_image_embeds=embeds, num_inference_steps=3)
+    rows = []
+    _check(ip_pipe, dict(guidance="contrastive", strength=1.5), rows=rows, run=run)
+    assert rows == [6] * ip_pipe.num_timesteps
+    # the image embeds must matter, or replicating them proves nothing
+    other = [torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(4))]
+    assert (run(ip_pipe) - run(ip_pipe, ip_adapter_image_embeds=other)).abs().max() > 1e-2
 
 def test_unpatch_restores_bit_for_bit(pipe):
     before = _run(pipe)

@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -156,6 +157,17 @@ def test_resume_reproduces_uninterrupted_run_and_round_trips(workspace):
         b = load_file(str(workspace / "resumed" / adapter / T.LORA_WEIGHT_NAME))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["adapter_sha256"] == full["adapter_sha256"]
+
+    # Resuming under other batch size, accumulation, objective or dataset is refused before any step, naming it.
+    make_pickapic(workspace / "other_pairs.parquet", n_rows=10)
+    changes = [("batch_size", 2), ("grad_accum", 1), ("objective", "dpo+npo"),
+               ("dataset", str(workspace / "other_pairs.parquet"))]
+    for i, (key, value) in enumerate(changes):
+        out = workspace / f"changed{i}"
+        shutil.copytree(workspace / "full" / "checkpoints" / "step-00000002", out / "checkpoints" / "step-00000002")
+        with pytest.raises(ValueError, match=rf"other settings \({key}: checkpoint .*, now {re.escape(repr(value))}"):
+            train(_config(workspace, out.name, resume=True, **{**settings, key: value}))
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
     from accelerate.state import is_initialized
 
     assert not is_initialized()  # train() released accelerate's singletons: the next call may change precision
@@ -320,6 +332,9 @@ def test_unsupported_prediction_type_fails_at_load(workspace, tmp_path):
         T.load_components(str(tmp_path / "m"), torch.device("cpu"), torch.float32)
 
 
+RUN = {"objective": "sft", "batch_size": 2, "grad_accum": 1, "dataset": "/data/pairs.parquet"}
+
+
 class _OneProcess:
     """The accelerate surface that save_checkpoint / load_checkpoint use, for one process."""
 
@@ -349,7 +364,7 @@ def test_checkpoints_are_atomic_pruned_and_restorable(tmp_path):
         optimizer.step()
         scheduler.step()
         T.save_checkpoint(_OneProcess(), tmp_path, step, {"p": param}, optimizer, scheduler, _Position(10 * step),
-                          [float(step)], keep=2)
+                          [float(step)], keep=2, run=RUN)
     assert [p.name for p in T._checkpoint_dirs(tmp_path)] == ["step-00000002", "step-00000003"]
     saved = param.detach().clone()
 
@@ -359,7 +374,8 @@ def test_checkpoints_are_atomic_pruned_and_restorable(tmp_path):
 
     optimizer.state_dict, real_state_dict = crash, optimizer.state_dict
     with pytest.raises(OSError, match="disk full"):
-        T.save_checkpoint(_OneProcess(), tmp_path, 4, {"p": param}, optimizer, scheduler, _Position(40), [4.0], keep=2)
+        T.save_checkpoint(_OneProcess(), tmp_path, 4, {"p": param}, optimizer, scheduler, _Position(40), [4.0], keep=2,
+                          run=RUN)
     optimizer.state_dict = real_state_dict
     assert [p.name for p in T._checkpoint_dirs(tmp_path)] == ["step-00000002", "step-00000003"]
 
@@ -367,7 +383,7 @@ def test_checkpoints_are_atomic_pruned_and_restorable(tmp_path):
         param.zero_()
     position = _Position(0)
     step, history = T.load_checkpoint(_OneProcess(), T._checkpoint_dirs(tmp_path)[-1], {"p": param}, optimizer,
-                                      scheduler, position)
+                                      scheduler, position, run=RUN)
     assert (step, history, position.counter) == (3, [3.0], 30)
     assert torch.equal(param.detach(), saved) and scheduler.last_epoch == 3
 
@@ -375,7 +391,17 @@ def test_checkpoints_are_atomic_pruned_and_restorable(tmp_path):
     checkpoint = T._checkpoint_dirs(tmp_path)[-1]
     with pytest.raises(ValueError, match="shape .*LoRA rank"):
         T.load_checkpoint(_OneProcess(), checkpoint, {"p": torch.nn.Parameter(torch.zeros(3, 4))}, optimizer,
-                          scheduler, position)
+                          scheduler, position, run=RUN)
     shutil.copy(checkpoint / "rank0.json", checkpoint / "rank1.json")
     with pytest.raises(ValueError, match="written by 2 process"):
-        T.load_checkpoint(_OneProcess(), checkpoint, {"p": param}, optimizer, scheduler, position)
+        T.load_checkpoint(_OneProcess(), checkpoint, {"p": param}, optimizer, scheduler, position, run=RUN)
+    (checkpoint / "rank1.json").unlink()
+    # ... and the run settings that define the data order and a step (every difference is named).
+    with pytest.raises(ValueError, match=r"batch_size: checkpoint 2, now 4; grad_accum: checkpoint 1, now 8\)"):
+        T.load_checkpoint(_OneProcess(), checkpoint, {"p": param}, optimizer, scheduler, position,
+                          run={**RUN, "batch_size": 4, "grad_accum": 8})
+    state = json.loads((checkpoint / "state.json").read_text())
+    del state["run"]
+    (checkpoint / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="records no run settings"):
+        T.load_checkpoint(_OneProcess(), checkpoint, {"p": param}, optimizer, scheduler, position, run=RUN)

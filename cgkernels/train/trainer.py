@@ -506,8 +506,38 @@ def _to_tuple(value):
     return tuple(_to_tuple(v) for v in value) if isinstance(value, list) else value
 
 
+def run_record(config: TrainConfig, source) -> dict:
+    """What a checkpoint must share with the run that resumes it: the data order and the meaning of a step depend on
+    these, so resuming under other values would silently train on another sequence than the one checkpointed."""
+    layout = hashlib.sha256(json.dumps([list(g) for g in source.groups]).encode()).hexdigest()[:16]
+    return {
+        "objective": config.objective,
+        "batch_size": int(config.batch_size),
+        "grad_accum": int(config.grad_accum),
+        "seed": int(config.seed),
+        "dataset": str(Path(config.dataset).resolve()),
+        "dataset_format": config.dataset_format,
+        "image_root": None if config.image_root is None else str(Path(config.image_root).resolve()),
+        "keep_ties": bool(config.keep_ties),
+        "dataset_pairs": int(source.num_pairs),
+        "dataset_layout": layout,  # files, row groups and rows per group
+    }
+
+
+def check_run_record(checkpoint: Path, saved: Optional[dict], run: dict) -> None:
+    """Raise a ValueError naming every setting in which the resuming run differs from the checkpoint's run."""
+    if saved is None:
+        raise ValueError(f"{checkpoint} records no run settings (written by an older cgkernels): cannot check that "
+                         "batch size, gradient accumulation, objective and dataset match; start a new run")
+    differ = [f"{key}: checkpoint {saved.get(key)!r}, now {value!r}" for key, value in run.items()
+              if saved.get(key) != value]
+    if differ:
+        raise ValueError(f"{checkpoint} was written by a run with other settings ({'; '.join(differ)}); resume with "
+                         "the checkpoint's settings, or train into another output_dir")
+
+
 def save_checkpoint(accelerator, output_dir: Path, step: int, lora_params: dict, optimizer, lr_scheduler,
-                    batches: PreferenceBatches, history: list, keep: int) -> Path:
+                    batches: PreferenceBatches, history: list, keep: int, *, run: dict) -> Path:
     from safetensors.torch import save_file
 
     root = output_dir / "checkpoints"
@@ -529,7 +559,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, lora_params: dict,
         torch.save(lr_scheduler.state_dict(), temp / "lr_scheduler.pt")
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), temp / "scaler.pt")
-        (temp / "state.json").write_text(json.dumps({"step": step, "history": history}))
+        (temp / "state.json").write_text(json.dumps({"step": step, "history": history, "run": run}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -542,8 +572,12 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, lora_params: dict,
 
 
 def load_checkpoint(accelerator, checkpoint: Path, lora_params: dict, optimizer, lr_scheduler,
-                    batches: PreferenceBatches) -> tuple[int, list]:
+                    batches: PreferenceBatches, *, run: dict) -> tuple[int, list]:
+    """Restore a checkpoint written by a run with the same `run_record` (else a ValueError names what differs)."""
     from safetensors.torch import load_file
+
+    state = json.loads((checkpoint / "state.json").read_text())
+    check_run_record(checkpoint, state.get("run"), run)
 
     rank_file = checkpoint / f"rank{accelerator.process_index}.json"
     # Each process resumes its own data position: any other process count would silently re-split the data.
@@ -575,7 +609,6 @@ def load_checkpoint(accelerator, checkpoint: Path, lora_params: dict, optimizer,
     torch.set_rng_state(torch_rng["cpu"])
     if "cuda" in torch_rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(torch_rng["cuda"])
-    state = json.loads((checkpoint / "state.json").read_text())
     return int(state["step"]), list(state["history"])
 
 
@@ -743,9 +776,11 @@ def _train(config: TrainConfig, accelerator, source, output_dir: Path, started: 
     batches = _make_batches(config, source, components, accelerator, output_dir)
 
     step, history = 0, []
+    run = run_record(config, source)
     checkpoints = _checkpoint_dirs(output_dir)
     if config.resume and checkpoints:
-        step, history = load_checkpoint(accelerator, checkpoints[-1], lora_params, optimizer, lr_scheduler, batches)
+        step, history = load_checkpoint(accelerator, checkpoints[-1], lora_params, optimizer, lr_scheduler, batches,
+                                        run=run)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
@@ -786,7 +821,7 @@ def _train(config: TrainConfig, accelerator, source, output_dir: Path, started: 
             accelerator.log(logs, step=step)
         if config.checkpoint_every and step % config.checkpoint_every == 0:
             save_checkpoint(accelerator, output_dir, step, lora_params, optimizer, lr_scheduler, batches, history,
-                            config.checkpoints_to_keep)
+                            config.checkpoints_to_keep, run=run)
     progress.close()
 
     skipped = accelerator.reduce(torch.tensor(float(batches.skipped), device=accelerator.device), reduction="sum")

@@ -1,0 +1,182 @@
+"""Host-side guards of `cgkernels.patch`: which pipelines and dtypes it accepts, and what may not change after it.
+
+A patched UNet holds, from patch time on, the adapters' stacked factors, the mode's adapter mixes and (mode "cfg")
+the user's active adapters and weights. Changing any of these afterwards through diffusers or peft would otherwise
+be silently ignored (or, for `fuse_lora`, applied twice). `AdapterGuard` records version stamps at patch time
+(object identities, tensor version counters, a few small tuples: no tensor data is read) and compares them on the
+host before guided UNet calls:
+
+- every call: pipe.unet.peft_config, name -> config object (load_lora_weights / delete_adapters / a reload under
+  the same name replace it), O(number of adapters);
+- at the first UNet call of every pipeline call (the scheduler's timesteps change), and on every call that does not
+  come from a pipeline: every LoRA layer's adapter modules, their weights' version counters (in-place edits), its
+  merged (fused) adapters and, in mode "cfg", its active adapters and their scaling (set_adapters, disable_lora).
+
+A change raises a ValueError that says what changed and what to do. Changes made mid-call (from a step callback)
+are caught at the next pipeline call. Not detected: writes through `.data` (they bypass version counters), which is
+how peft's LoRA hotswap (`load_lora_weights(..., hotswap=True)`) copies weights: unpatch before hotswapping.
+
+Pipelines sharing the patched UNet (e.g. built from `pipe.components`) are found by `calling_pipeline`: the guided
+forward then reads that pipeline's own guidance settings, or refuses a pipeline class cgkernels does not support.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["SUPPORTED_PIPELINES", "SUPPORTED_DTYPES", "supported_pipeline_classes", "check_pipeline",
+           "check_dtype", "calling_pipeline", "AdapterGuard"]
+
+# diffusers pipelines whose denoising loop calls the UNet once per step on the CFG batch [uncond, cond], with every
+# batch-dim input (latents, masked-image latents, added conditioning, IP-Adapter image embeds, ControlNet residuals)
+# along dim 0: the row expansion of the patch replicates each of them per branch. Each is tested against a per-branch
+# float64 reference (tests/test_patch.py).
+SUPPORTED_PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionControlNetPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+    "StableDiffusionXLControlNetPipeline",
+)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# How far up the stack a pipeline's own frame may be from the patched forward: Module._wrapped_call_impl and
+# _call_impl sit in between (plus a forward hook wrapper or two).
+_MAX_CALLER_FRAMES = 8
+
+
+@functools.cache  # called on every UNet call made by a pipeline sharing the patched UNet
+def supported_pipeline_classes() -> tuple[type, ...]:
+    import diffusers
+
+    return tuple(getattr(diffusers, name) for name in SUPPORTED_PIPELINES)
+
+
+def check_pipeline(pipe, role: str = "cgkernels.patch") -> None:
+    # Exact classes: a subclass may call the UNet differently (another batch layout, several calls per step).
+    if type(pipe) not in supported_pipeline_classes():
+        raise ValueError(f"{role} supports {', '.join(SUPPORTED_PIPELINES)}; got {type(pipe).__name__}")
+
+
+def check_dtype(unet) -> None:
+    dtype = unet.dtype
+    if dtype not in SUPPORTED_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+        raise ValueError(f"pipe.unet is {str(dtype).replace('torch.', '')}; cgkernels.patch supports {names} "
+                         "pipelines (cast it, e.g. pipe.to(torch.float32), before patching)")
+
+
+def calling_pipeline():
+    """The diffusers pipeline whose method called the UNet (its frame's `self`), or None for a direct call."""
+    from diffusers import DiffusionPipeline
+
+    frame = sys._getframe(2)  # skip this function and the patched forward
+    for _ in range(_MAX_CALLER_FRAMES):
+        if frame is None:
+            return None
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, DiffusionPipeline):
+                return owner
+        frame = frame.f_back
+    return None
+
+
+@dataclass
+class _LayerStamp:
+    name: str
+    layer: object
+    a_modules: dict  # the layer's lora_A / lora_B ModuleDict contents (peft adds and deletes adapters in them)
+    b_modules: dict
+    factors: tuple = ()  # (adapter, A weight, B weight, A weight version, B weight version) per adapter
+    user: tuple | None = None  # mode "cfg": the active adapters and their scaling
+
+    def factor_stamp(self) -> tuple:
+        # Through plain dicts held since patch time: nn.Module.__getattr__ would cost several times more.
+        stamp = []
+        for adapter, a in self.a_modules.items():
+            b = self.b_modules.get(adapter)
+            a_weight, b_weight = a._parameters["weight"], None if b is None else b._parameters["weight"]
+            stamp.append((adapter, a_weight, b_weight, a_weight._version, None if b is None else b_weight._version))
+        return tuple(stamp)
+
+
+def _user_stamp(layer) -> tuple:
+    """What mode "cfg" runs in this layer: the active adapters at their current scaling, or nothing if disabled."""
+    if layer.disable_adapters:
+        return ()
+    return tuple((a, layer.scaling.get(a)) for a in layer.active_adapters)
+
+
+class AdapterGuard:
+    """Version stamps of pipe.unet's adapters at patch time, compared on the host before guided UNet calls."""
+
+    def __init__(self, unet, layers, *, watch_user_settings: bool):
+        """layers: [(name, peft LoRA layer)] of the UNet; watch_user_settings: the mode runs the user's active
+        adapters and set_adapters weights (mode "cfg"), so changes to those matter too."""
+        self.unet = unet
+        self.configs = dict(getattr(unet, "peft_config", None) or {})
+        self.layers = []
+        for name, layer in layers:
+            stamp = _LayerStamp(name, layer, layer.lora_A._modules, layer.lora_B._modules)
+            stamp.factors = stamp.factor_stamp()
+            stamp.user = _user_stamp(layer) if watch_user_settings else None
+            self.layers.append(stamp)
+        self._scanned_for = None  # the scheduler timesteps the layer scan last ran for
+
+    def check(self, caller) -> None:
+        """Raise a ValueError if the adapters changed. caller: the pipeline making this UNet call, or None."""
+        self._check_configs()
+        timesteps = None if caller is None else getattr(caller.scheduler, "timesteps", None)
+        if caller is None or timesteps is None or timesteps is not self._scanned_for:
+            self._check_layers()
+            self._scanned_for = timesteps
+
+    def _check_configs(self) -> None:
+        now = getattr(self.unet, "peft_config", None) or {}
+        if len(now) == len(self.configs) and all(now.get(k) is v for k, v in self.configs.items()):
+            return
+        added = sorted(set(now) - set(self.configs))
+        deleted = sorted(set(self.configs) - set(now))
+        reloaded = sorted(k for k in set(now) & set(self.configs) if now[k] is not self.configs[k])
+        what = "; ".join(f"{label}: {names}" for label, names in
+                         (("loaded", added), ("deleted", deleted), ("reloaded", reloaded)) if names)
+        raise ValueError(f"pipe.unet's LoRA adapters changed after cgkernels.patch ({what}); the patch runs the "
+                         "adapters as they were at patch time: call cgkernels.unpatch(pipe) and patch again")
+
+    def _check_layers(self) -> None:
+        for stamp in self.layers:
+            layer = stamp.layer
+            if layer.merged_adapters:  # a plain list attribute: cheap
+                raise ValueError(
+                    f"adapters {list(layer.merged_adapters)} were fused into pipe.unet's base weights (fuse_lora) "
+                    f"after cgkernels.patch ({stamp.name}); the patched UNet would apply them twice: call "
+                    "pipe.unfuse_lora(), or cgkernels.unpatch(pipe) to use the fused pipeline")
+            if stamp.factor_stamp() != stamp.factors:
+                raise ValueError(
+                    f"LoRA adapters of {stamp.name} were added, deleted or modified in place after cgkernels.patch; "
+                    "the patch holds the adapters as they were at patch time: call cgkernels.unpatch(pipe) and "
+                    "patch again")
+            if stamp.user is not None and _user_stamp(layer) != stamp.user:
+                raise ValueError(
+                    f"the active adapters or their set_adapters weights changed after cgkernels.patch(guidance='cfg') "
+                    f"({stamp.name}); mode 'cfg' runs the adapters active at patch time: call "
+                    "cgkernels.unpatch(pipe) and patch again")
+
+
+def guidance_pipeline(patched, caller):
+    """The pipeline whose guidance settings (guidance_scale, guidance_rescale, CFG on/off, scheduler, step count) a
+    guided UNet call follows: the calling pipeline, which may be another one sharing the patched UNet (built from
+    `patched.components`), or `patched` itself for a direct UNet call."""
+    if caller is None or caller is patched:
+        return patched
+    check_pipeline(caller, role=f"the UNet patched through a {type(patched).__name__} was called by another "
+                                "pipeline; cgkernels")
+    return caller
