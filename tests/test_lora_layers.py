@@ -88,7 +88,7 @@ def test_routed_forward_matches_reference(segments):
     x = torch.randn(sum(n for n, _ in segments), 6, 5, 3)
     expected = reference(net, x, segments, MIXES)
     handle = attach_segmented_lora(net, MIXES)
-    with torch.no_grad(), segment_routing(segments):
+    with torch.no_grad(), segment_routing(net, segments):
         out = net(x)
     handle.detach()
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
@@ -119,7 +119,7 @@ def test_trainable_gradients_match_reference():
     (reference(net, x, segments, MIXES, net64=ref_net64) * grad_out.double()).sum().backward()
 
     handle = attach_segmented_lora(net, MIXES, trainable=True)
-    with segment_routing(segments):
+    with segment_routing(net, segments):
         (net(x) * grad_out).sum().backward()
     handle.detach()
     ref_grads = dict(ref_net64.named_parameters())
@@ -137,12 +137,12 @@ def test_dropout_only_in_train_mode_and_only_on_adapter_rows():
     segments = [(1, None), (2, "pos")]
     handle = attach_segmented_lora(net, MIXES, trainable=True)
     net.eval()
-    with torch.no_grad(), segment_routing(segments):
+    with torch.no_grad(), segment_routing(net, segments):
         eval_out = net(x)
     torch.testing.assert_close(eval_out.double(), reference(net, x, segments, MIXES), rtol=1e-5, atol=1e-5)
     net.train()
     torch.manual_seed(1)
-    with torch.no_grad(), segment_routing(segments):
+    with torch.no_grad(), segment_routing(net, segments):
         train_out = net(x)
     handle.detach()
     torch.testing.assert_close(train_out[:1], eval_out[:1], rtol=1e-6, atol=1e-6)  # base rows: no dropout
@@ -172,7 +172,7 @@ def test_unet_routing_matches_per_adapter_calls():
         expected = torch.cat([branch("pos", slice(0, 1)), branch("neg", slice(1, 2)), branch(None, slice(2, 3))])
         unet.enable_lora()
         handle = attach_segmented_lora(unet, {"pos": {"pos": 1.0}, "neg": {"neg": 1.0}})
-        with segment_routing([(1, "pos"), (1, "neg"), (1, None)]):
+        with handle.routing([(1, "pos"), (1, "neg"), (1, None)]):
             out = unet(sample, t, text, return_dict=False)[0]
         handle.detach()
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
@@ -192,16 +192,16 @@ def test_lora_scale_configured_scaling_and_cast_after_attach():
     for m in net.modules():
         if isinstance(m, LoraLayer):
             m.set_scale("pos", 3.0)  # what set_adapters(["pos"], [3.0]) does: must not leak into the mixes
-    with torch.no_grad(), segment_routing(segments, lora_scale=0.5):
+    with torch.no_grad(), segment_routing(net, segments, lora_scale=0.5):
         out = net(x)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     net.double()
-    with torch.no_grad(), segment_routing(segments, lora_scale=0.5):
+    with torch.no_grad(), segment_routing(net, segments, lora_scale=0.5):
         out64 = net(x.double())
     handle.detach()
     assert out64.dtype == torch.float64
     torch.testing.assert_close(out64, expected, rtol=1e-10, atol=1e-10)
-    with pytest.raises(ValueError, match="lora_scale"), segment_routing(segments, lora_scale=float("inf")):
+    with pytest.raises(ValueError, match="lora_scale"), handle.routing(segments, lora_scale=float("inf")):
         pass
 
 def test_autocast_computes_in_the_autocast_dtype():
@@ -211,7 +211,7 @@ def test_autocast_computes_in_the_autocast_dtype():
     x = torch.randn(4, 6, 3, 5)
     expected = reference(net, x, segments, MIXES)
     handle = attach_segmented_lora(net, MIXES)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), segment_routing(segments):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), segment_routing(net, segments):
         out = net(x)
     handle.detach()
     assert out.dtype == torch.bfloat16
@@ -226,12 +226,12 @@ def test_bad_inputs():
     handle = attach_segmented_lora(net, MIXES)
     with pytest.raises(ValueError, match="already attached"):
         attach_segmented_lora(net, MIXES)
-    with pytest.raises(ValueError, match="unknown mix"), segment_routing([(2, "other")]):
+    with pytest.raises(ValueError, match="unknown mix"), segment_routing(net, [(2, "other")]):
         net(torch.randn(2, 6, 3, 3))
-    with pytest.raises(RuntimeError, match="rows"), segment_routing([(3, "pos")]):
+    with pytest.raises(RuntimeError, match="rows"), segment_routing(net, [(3, "pos")]):
         net(torch.randn(2, 6, 3, 3))
     with pytest.raises(ValueError):
-        with segment_routing([(-1, "pos")]):
+        with segment_routing(net, [(-1, "pos")]):
             pass
     handle.detach()
 
@@ -261,7 +261,7 @@ def test_gradient_checkpointing_recomputes_with_the_routing():
         for p in params:
             p.grad = None
         handle = attach_segmented_lora(unet, {"pos": {"pos": 1.0}, "neg": {"neg": 1.0}}, trainable=True)
-        with segment_routing(segments):
+        with handle.routing(segments):
             out = unet(sample, t, text, return_dict=False)[0]
         out.square().mean().backward()
         handle.detach()
@@ -276,7 +276,7 @@ def test_gradient_checkpointing_recomputes_with_the_routing():
     unet.enable_gradient_checkpointing(gradient_checkpointing_func=routing_checkpoint)  # enabled after attaching
     for p in params:
         p.grad = None
-    with segment_routing(segments):
+    with handle.routing(segments):
         out = unet(sample, t, text, return_dict=False)[0]
     out.square().mean().backward()
     after_attach = [p.grad.clone() for p in params]

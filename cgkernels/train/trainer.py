@@ -284,7 +284,7 @@ def joint_step(unet, reference_unet, inputs: PairInputs, objective: str, beta: f
     context so gradient-checkpoint recomputation sees the same routing. Returns (loss, metrics)."""
     b = inputs.batch_size
     if objective == "sft":
-        with segment_routing([(b, "pos"), (b, "neg")]):
+        with segment_routing(unet, [(b, "pos"), (b, "neg")]):
             pred = _unet_rows(unet, inputs, ["w", "l"])
             per_adapter = {
                 "pos": (sft_loss(pred[:b], inputs.target["w"]), {}),
@@ -294,9 +294,9 @@ def joint_step(unet, reference_unet, inputs: PairInputs, objective: str, beta: f
             backward(loss)
         return loss, metrics
     adapters = {"dpo": ["pos"], "npo": ["neg"], "dpo+npo": ["pos", "neg"]}[objective]
-    with torch.no_grad(), segment_routing([(2 * b, None)]):
+    with torch.no_grad(), segment_routing(reference_unet, [(2 * b, None)]):
         ref = _unet_rows(reference_unet, inputs, ["w", "l"]).float()
-    with segment_routing([(2 * b, a) for a in adapters]):
+    with segment_routing(unet, [(2 * b, a) for a in adapters]):
         pred = _unet_rows(unet, inputs, ["w", "l"] * len(adapters))
         per_adapter = {}
         for i, adapter in enumerate(adapters):
