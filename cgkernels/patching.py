@@ -162,9 +162,10 @@ def patch(
     signature = inspect.signature(original_forward)
     if denoiser.sample_arg not in signature.parameters:
         raise ValueError(
-            f"pipe.{denoiser.attr}.forward{signature} does not take `{denoiser.sample_arg}`: it was replaced, e.g. by "
-            f"torch.compile(pipe.{denoiser.attr}.forward). Compile the module instead (torch.compile(pipe."
-            f"{denoiser.attr}) or pipe.{denoiser.attr}.compile()), before or after cgkernels.patch"
+            f"pipe.{denoiser.attr}.forward{signature} does not take `{denoiser.sample_arg}`: it was replaced by a "
+            "wrapper that hides the model's signature. Restore the model's own forward before cgkernels.patch; "
+            f"to compile, compile the module (torch.compile(pipe.{denoiser.attr}) or pipe.{denoiser.attr}.compile()), "
+            "before or after patching"
         )
     loaded = loaded_adapters(module)
     for adapter in config.adapters_used():
