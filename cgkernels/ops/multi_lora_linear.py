@@ -55,7 +55,15 @@ class SegmentPlan:
     scale: tuple
 
     def runs(self):
-        """Non-empty (start, end, adapter, scale) runs; neighbours with the same adapter and scale are merged."""
+        """Non-empty (start, end, adapter, scale) runs; neighbours with the same adapter and scale are merged.
+        Computed once per plan (a plan serves every step of its routing)."""
+        cached = self.__dict__.get("_runs")
+        if cached is None:
+            cached = tuple(self._merged_runs())
+            object.__setattr__(self, "_runs", cached)  # a memo, not a field: equality and hash ignore it
+        return cached
+
+    def _merged_runs(self):
         merged = []
         for s, adapter in enumerate(self.adapter):
             start, end = self.indptr[s], self.indptr[s + 1]
