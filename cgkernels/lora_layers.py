@@ -263,12 +263,13 @@ def adapter_scaling(layer: nn.Module, adapter: str) -> float:
 
 @dataclass(frozen=True)
 class _Launch:
-    """One layer's decision for one routing and input: adapter slot per segment; the validated row plan (None: no
-    segment has an adapter in this layer, run the base) and the multi_lora_linear backend (None: conv fallback)."""
+    """One layer's decision for one routing and input: the adapter slot of each segment, whether any segment has an
+    adapter here, and for the fused path the validated row plan and multi_lora_linear backend."""
 
     slots: tuple[int, ...]
-    plan: SegmentPlan | None
-    backend: str | None
+    base_only: bool  # no segment has an adapter in this layer: run the base layer
+    plan: SegmentPlan | None = None  # None: base only, or the per-segment fallback (3x3 convs)
+    backend: str | None = None
 
 
 class _SegmentedLoraLayer:
@@ -372,14 +373,16 @@ class _SegmentedLoraLayer:
                 if len(self._launches) >= _ROUTE_CACHE_SIZE:
                     self._launches.clear()
                 self._launches[key] = launch
-        if launch.plan is None:  # no adapter of any segment lives in this layer
+        if launch.base_only:
             return base(x)
         if self.kind == "conv" or self._dropout_active(launch.slots):
             return self._forward_per_segment(x, routing, launch.slots)
-        if self.kind == "linear":
-            return self._forward_fused(x, weight, base.bias, launch, autocast_dtype)
-        out = self._forward_fused(x.movedim(1, -1), weight.flatten(1), base.bias, launch, autocast_dtype)
-        return out.movedim(-1, 1)
+        x_rows, weight, bias, lora_a, lora_b = self._fused_operands(x, autocast_dtype)
+        y = planned_multi_lora_linear(
+            x_rows.reshape(-1, x_rows.shape[-1]), weight, bias, lora_a, lora_b, launch.plan, launch.backend
+        )
+        y = y.view(*x_rows.shape[:-1], weight.shape[0])
+        return y if self.kind == "linear" else y.movedim(-1, 1)
 
     def _new_launch(self, routing: SegmentRouting, x: torch.Tensor, autocast_dtype) -> "_Launch":
         """Everything the layer needs for one routing and input: adapter slots per segment and, for the fused path,
@@ -390,24 +393,18 @@ class _SegmentedLoraLayer:
             )
         slots = tuple(self._slot(mix) for mix in routing.mixes)
         if all(s < 0 for s in slots):
-            return _Launch(slots, None, None)
+            return _Launch(slots, base_only=True)
+        if self.kind == "conv":  # the per-segment fallback uses the slots only
+            return _Launch(slots, base_only=False)
         # rows of the fused linear per sample: tokens (linear) or pixels (1x1 conv, a linear over channels)
         rows_per_sample = math.prod(x.shape[1:-1] if self.kind == "linear" else x.shape[2:])
         indptr = [o * rows_per_sample for o in routing.offsets]
         scales = [routing.lora_scale] * len(slots)
-        if self.kind == "conv":  # the per-segment fallback uses the slots only
-            return _Launch(slots, SegmentPlan(tuple(indptr), slots, tuple(scales)), None)
-        weight = self.base.weight if self.kind == "linear" else self.base.weight.flatten(1)
-        bias = self.base.bias
-        x_rows = x if self.kind == "linear" else x.movedim(1, -1)
-        if autocast_dtype is not None:
-            x_rows, weight = x_rows.to(autocast_dtype), weight.to(autocast_dtype)
-            bias = None if bias is None else bias.to(autocast_dtype)
-        lora_a, lora_b = self._stacks_now(weight.device, weight.dtype)
+        x_rows, weight, bias, lora_a, lora_b = self._fused_operands(x, autocast_dtype)
         _validate_tensors(x_rows, weight, bias, lora_a, lora_b)
         num_rows = x.shape[0] * rows_per_sample
         plan = _validate_segments(indptr, list(slots), scales, num_rows, lora_a.shape[0])
-        return _Launch(slots, plan, _resolve_backend("auto", x_rows))
+        return _Launch(slots, False, plan, _resolve_backend("auto", x_rows))
 
     def _slot(self, mix: str | None) -> int:
         if mix is None:
@@ -417,16 +414,17 @@ class _SegmentedLoraLayer:
         except KeyError:
             raise ValueError(f"unknown mix {mix!r}; attached mixes: {sorted(self.slot_of_mix)}") from None
 
-    def _forward_fused(self, x, weight, bias, launch: "_Launch", autocast_dtype) -> torch.Tensor:
-        if autocast_dtype is not None:  # as nn.Linear under torch.autocast: compute in the autocast dtype
+    def _fused_operands(self, x, autocast_dtype):
+        """x as rows over input features ([..., K]; a 1x1 conv's channels moved last), the base weight [N, K] and
+        bias, and the stacked adapters; all in the autocast dtype when autocast is on (as nn.Linear computes)."""
+        weight, bias = self.base.weight, self.base.bias
+        if self.kind == "conv1x1":
+            x, weight = x.movedim(1, -1), weight.flatten(1)
+        if autocast_dtype is not None:
             x, weight = x.to(autocast_dtype), weight.to(autocast_dtype)
             bias = None if bias is None else bias.to(autocast_dtype)
         lora_a, lora_b = self._stacks_now(weight.device, weight.dtype)
-        out_features = weight.shape[0]
-        y = planned_multi_lora_linear(
-            x.reshape(-1, x.shape[-1]), weight, bias, lora_a, lora_b, launch.plan, launch.backend
-        )
-        return y.view(*x.shape[:-1], out_features)
+        return x, weight, bias, lora_a, lora_b
 
     def _dropout_active(self, slots) -> bool:
         if not (self.trainable and self.layer.training):
