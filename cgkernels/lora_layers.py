@@ -143,17 +143,14 @@ _HANDLE_ATTR = "_cgkernels_segmented_handle"
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module under torch.compile's OptimizedModule (`_orig_mod`) and DDP-style (`module`) wrappers."""
+    """The module under torch.compile's OptimizedModule (`_orig_mod`) and (Distributed)DataParallel wrappers."""
     while True:
-        inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            inner = model.__dict__.get("_modules", {}).get("module") if type(model).__name__ in _WRAPPERS else None
+        inner = model.__dict__.get("_modules", {}).get("_orig_mod")  # OptimizedModule, without importing dynamo
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = model.module
         if not isinstance(inner, nn.Module):
             return model
         model = inner
-
-
-_WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
 
 
 def router_of(target) -> "SegmentRouter":

@@ -137,3 +137,22 @@ def test_unsupported_compile_forms_raise_clear_errors():
     module.forward = patched
     cgkernels.unpatch(pipe)
     assert "forward" not in module.__dict__
+
+
+@pytest.mark.cuda
+def test_reduce_overhead_captures_cuda_graphs():
+    """On a GPU: inductor + CUDA graphs (mode="reduce-overhead") capture the patched step (no cudagraph skips),
+    step state keeps advancing across replays (the window switches plans), and the result matches eager."""
+    pipe = _pipe("sd15").to("cuda")
+    cgkernels.patch(pipe, **PATCH)
+    steps = 4  # steps 0-1 guided, 2-3 base only: replays of both graphs inside one run
+    eager = _run(pipe, steps)
+    with _fresh_dynamo():
+        pipe.unet = torch.compile(pipe.unet, fullgraph=True, mode="reduce-overhead")
+        for _ in range(3):  # warm-up and recording runs, then replays
+            compiled = _run(pipe, steps)
+        assert _graph_breaks() == 0
+        assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+        scale = eager.abs().max().item()
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4 * scale)
+        cgkernels.unpatch(pipe)
