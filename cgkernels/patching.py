@@ -26,6 +26,12 @@ unpatched pipeline it multiplies the active adapters). Adapters (and their weigh
 after loading them, and patch again after changing them. Only UNet adapters are branch-specific: LoRA layers on the
 text encoders run as the user set them and feed the same prompt embeddings to every branch.
 
+torch.compile. The patched forward is an eager host function (step counting, the [start, stop) window, the step
+plan, the routing) around a traceable core (expand, one UNet call, merge): `torch.compile(pipe.unet, fullgraph=True)`
+or `pipe.unet.compile()`, before or after `patch`, traces the core without graph breaks, one graph per distinct step
+plan and input shape, and CUDA-graph replays never skip the host's state updates. patch / unpatch act on the module
+under a compile wrapper. The denoiser's attribute and input names live in one `Denoiser` record.
+
 The patched UNet reads guidance_scale, guidance_rescale, do_classifier_free_guidance and the scheduler from `pipe`:
 another pipeline sharing the UNet (e.g. built from pipe.components) must not call it while `pipe` is patched.
 """
