@@ -2,7 +2,8 @@
 
 `attach_segmented_lora(unet, mixes)` takes over the forward of every peft LoRA layer in `unet` (the modules, their
 parameters and state-dict keys stay exactly as peft made them, so `set_adapters`, `get_peft_model_state_dict` and
-`save_lora_weights` keep working). Inside `segment_routing([(n_rows, mix), ...])` each such layer computes
+`save_lora_weights` keep working). Inside `handle.routing([(n_rows, mix), ...])` (or `segment_routing(model, ...)`)
+each such layer computes
 
     y[rows of segment s] = base(x) + lora_scale * sum_{adapter a in mix_s} weight_a * scaling_a * B_a A_a x
 
@@ -16,13 +17,16 @@ scaling_a is the adapter's configured scale (lora_alpha / r, or lora_alpha / sqr
 attaching: weights set with diffusers' `set_adapters` and the transient LoRA scale of `cross_attention_kwargs`
 (which both rewrite peft's `layer.scaling`) do not leak into the mixes. A mix named in `user_weighted` instead keeps
 the per-layer scaling peft holds at attach time (the user's `set_adapters` weights). The LoRA scale of one call is
-`segment_routing(..., lora_scale=)`. Under `torch.autocast` the fused path computes in the autocast dtype, as
+`handle.routing(..., lora_scale=)`. Under `torch.autocast` the fused path computes in the autocast dtype, as
 `nn.Linear` would.
+
+Routing is plain data: the handle's `SegmentRouter.current`, which every layer reads. torch.compile traces that
+attribute read and guards on the routing's values, so a compiled model gets one graph per distinct routing and no
+graph breaks; per layer, the validated launch (row plan, backend) is cached per routing and input in eager mode.
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 import numbers
 from dataclasses import dataclass
@@ -32,11 +36,17 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from cgkernels.ops import multi_lora_linear
+from cgkernels.ops.multi_lora_linear import (
+    SegmentPlan,
+    _resolve_backend,
+    _validate_segments,
+    _validate_tensors,
+    planned_multi_lora_linear,
+)
 
 __all__ = [
     "attach_segmented_lora", "segment_routing", "routing_checkpoint", "adapter_scaling", "SegmentedLoraHandle",
-    "SegmentRouting",
+    "SegmentRouting", "SegmentRouter", "unwrap_model",
 ]
 
 
@@ -56,7 +66,41 @@ class SegmentRouting:
         return self.offsets[-1]
 
 
-_ROUTING: contextvars.ContextVar[SegmentRouting | None] = contextvars.ContextVar("cgkernels_routing", default=None)
+class SegmentRouter:
+    """The routing that the segmented layers of one attach handle read, as plain data.
+
+    Every `_SegmentedLoraLayer` holds a reference to its router and reads `router.current` in forward. An attribute
+    of a plain object is something torch.compile traces and guards on (a ContextVar is not): each distinct routing
+    gets its own graph, and the same routing reuses it. Routings are interned, so one plan is one object (and one
+    cache key in every layer).
+    """
+
+    _INTERN_SIZE = 256
+
+    def __init__(self):
+        self.current: SegmentRouting | None = None
+        self._interned: dict[SegmentRouting, SegmentRouting] = {}
+
+    def plan(self, segments, lora_scale: float = 1.0) -> SegmentRouting:
+        """The interned routing of `[(n_rows, mix_or_None), ...]` (validated)."""
+        return self.intern(_build_routing(segments, lora_scale))
+
+    def intern(self, routing: SegmentRouting) -> SegmentRouting:
+        known = self._interned.get(routing)
+        if known is None:
+            if len(self._interned) >= self._INTERN_SIZE:
+                self._interned.clear()
+            known = self._interned[routing] = routing
+        return known
+
+    @contextlib.contextmanager
+    def routing_as(self, routing: SegmentRouting | None):
+        """Route the layers by `routing` inside this block (None: peft's own forward); restores the previous one."""
+        previous, self.current = self.current, routing
+        try:
+            yield
+        finally:
+            self.current = previous
 
 
 def _build_routing(segments, lora_scale: float = 1.0) -> SegmentRouting:
@@ -83,22 +127,47 @@ def _build_routing(segments, lora_scale: float = 1.0) -> SegmentRouting:
     return SegmentRouting(tuple(offsets), tuple(mixes), float(lora_scale))
 
 
-def segment_routing(segments, *, lora_scale: float = 1.0):
-    """Route consecutive batch rows to adapter mixes for the segmented layers called inside this block.
+def segment_routing(target, segments, *, lora_scale: float = 1.0):
+    """Route consecutive batch rows to adapter mixes for the segmented layers of `target` called inside this block.
 
+    target: the SegmentedLoraHandle, or the model it was attached to (also through torch.compile's OptimizedModule
+        or a DistributedDataParallel-style `.module` wrapper).
     segments: [(n_rows, mix_name_or_None), ...]; rows are samples along dim 0 of every layer input.
     lora_scale: multiplies every mix's adapter delta in this block (diffusers' LoRA `scale`).
     """
-    return _routing_as(_build_routing(segments, lora_scale))
+    router = router_of(target)
+    return router.routing_as(router.plan(segments, lora_scale))
 
 
-@contextlib.contextmanager
-def _routing_as(routing: SegmentRouting | None):
-    token = _ROUTING.set(routing)
-    try:
-        yield
-    finally:
-        _ROUTING.reset(token)
+_HANDLE_ATTR = "_cgkernels_segmented_handle"
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module under torch.compile's OptimizedModule (`_orig_mod`) and (Distributed)DataParallel wrappers."""
+    while True:
+        inner = model.__dict__.get("_modules", {}).get("_orig_mod")  # OptimizedModule, without importing dynamo
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def router_of(target) -> "SegmentRouter":
+    if isinstance(target, SegmentedLoraHandle):
+        return target.router
+    if isinstance(target, nn.Module):
+        handle = unwrap_model(target).__dict__.get(_HANDLE_ATTR)
+        if handle is None:
+            raise ValueError(
+                f"no segmented LoRA layers are attached to this {type(target).__name__}: call "
+                "attach_segmented_lora(model, mixes) first"
+            )
+        return handle.router
+    raise TypeError(
+        "segment_routing(target, segments) takes the SegmentedLoraHandle or the model it was attached to first, "
+        f"got {type(target).__name__}"
+    )
 
 
 def routing_checkpoint(module, *args):
@@ -109,41 +178,68 @@ def routing_checkpoint(module, *args):
     already enabled routing-aware; to enable it after attaching use
     `unet.enable_gradient_checkpointing(gradient_checkpointing_func=routing_checkpoint)`.
     """
-    routing = _ROUTING.get()
+    snapshot = _RoutingSnapshot(_routers_in(module))
     return torch.utils.checkpoint.checkpoint(
-        module.__call__, *args, use_reentrant=False, context_fn=lambda: (_routing_as(routing), _routing_as(routing))
+        module.__call__, *args, use_reentrant=False, context_fn=lambda: (snapshot.restored(), snapshot.restored())
     )
 
 
 routing_checkpoint._cgkernels_routing_aware = True
 
 
+def _routers_in(module: nn.Module) -> tuple[SegmentRouter, ...]:
+    routers = {}
+    for sub in module.modules():
+        layer = sub.__dict__.get(_MARK)
+        if layer is not None:
+            routers[id(layer.router)] = layer.router
+    return tuple(routers.values())
+
+
+class _RoutingSnapshot:
+    """The routings some routers hold now, to be set again for a recomputation."""
+
+    def __init__(self, routers):
+        self.saved = [(router, router.current) for router in routers]
+
+    @contextlib.contextmanager
+    def restored(self):
+        previous = [(router, router.current) for router, _ in self.saved]
+        for router, routing in self.saved:
+            router.current = routing
+        try:
+            yield
+        finally:
+            for router, routing in previous:
+                router.current = routing
+
+
 class _RoutedCall:
     """Stands in for a module inside a checkpoint function: every (re)computation runs under one routing."""
 
-    def __init__(self, module: nn.Module, routing: SegmentRouting | None):
-        self.module, self.routing = module, routing
+    def __init__(self, module: nn.Module, router: SegmentRouter):
+        self.module, self.router, self.routing = module, router, router.current
 
     def __call__(self, *args, **kwargs):
-        with _routing_as(self.routing):
+        with self.router.routing_as(self.routing):
             return self.module(*args, **kwargs)
 
 
-def _routing_aware(checkpoint_func):
+def _routing_aware(checkpoint_func, router: SegmentRouter):
     def call(module, *args):
-        return checkpoint_func(_RoutedCall(module, _ROUTING.get()), *args)
+        return checkpoint_func(_RoutedCall(module, router), *args)
 
     call._cgkernels_routing_aware = True
     return call
 
 
-def _make_checkpointing_routing_aware(model: nn.Module) -> list[tuple[nn.Module, object]]:
+def _make_checkpointing_routing_aware(model: nn.Module, router: SegmentRouter) -> list[tuple[nn.Module, object]]:
     """Wrap diffusers' per-module `_gradient_checkpointing_func`; returns what to restore on detach."""
     wrapped = []
     for module in model.modules():
         func = module.__dict__.get("_gradient_checkpointing_func")
         if func is not None and not getattr(func, "_cgkernels_routing_aware", False):
-            module._gradient_checkpointing_func = _routing_aware(func)
+            module._gradient_checkpointing_func = _routing_aware(func, router)
             wrapped.append((module, func))
     return wrapped
 
@@ -162,13 +258,25 @@ def adapter_scaling(layer: nn.Module, adapter: str) -> float:
     return alpha / math.sqrt(rank) if layer.use_rslora.get(adapter, False) else alpha / rank
 
 
+@dataclass(frozen=True)
+class _Launch:
+    """One layer's decision for one routing and input: the adapter slot of each segment, whether any segment has an
+    adapter here, and for the fused path the validated row plan and multi_lora_linear backend."""
+
+    slots: tuple[int, ...]
+    base_only: bool  # no segment has an adapter in this layer: run the base layer
+    plan: SegmentPlan | None = None  # None: base only, or the per-segment fallback (3x3 convs)
+    backend: str | None = None
+
+
 class _SegmentedLoraLayer:
     """Takes over one peft LoRA layer's forward; holds the stacked mixes of that layer."""
 
     def __init__(self, name: str, layer: nn.Module, mixes: dict[str, dict[str, float]], trainable: bool,
-                 user_weighted=frozenset()):
+                 router: SegmentRouter, user_weighted=frozenset()):
         self.name = name
         self.layer = layer
+        self.router = router  # shared by the handle's layers: forward reads router.current
         self.base = layer.get_base_layer()  # resolved once: peft's lookup costs more than a small matmul
         self.trainable = trainable
         self.kind = _layer_kind(name, layer)
@@ -189,7 +297,7 @@ class _SegmentedLoraLayer:
                 self.terms.append(terms)
             else:
                 self.slot_of_mix[mix_name] = -1
-        self._routes: dict = {}  # (routing, rows per sample) -> (slots, row indptr, segment scales): host metadata
+        self._launches: dict = {}  # eager: (routing, input and weight shape/dtype/device, autocast) -> _Launch
         self._stacks = None
         if not trainable:
             self._stacks = self._build_stacks(self.base.weight.dtype)
@@ -242,43 +350,58 @@ class _SegmentedLoraLayer:
 
     # -- forward -----------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        routing = _ROUTING.get()
+        routing = self.router.current
         if routing is None:
             return self.peft_forward(x, *args, **kwargs)
         if args or kwargs:
             raise TypeError(f"{self.name}: segmented LoRA layers take only the input tensor inside segment_routing")
+        base = self.base
+        weight = base.weight
+        autocast_dtype = _autocast_dtype(x)
+        if torch.compiler.is_compiling():
+            # Traced: the launch is built from values dynamo guards on (routing, shapes, dtypes) and becomes
+            # constants of the graph; the eager cache below would only add guards on its contents.
+            launch = self._new_launch(routing, x, autocast_dtype)
+        else:
+            key = (routing, x.shape, x.dtype, x.device, weight.dtype, weight.device, autocast_dtype)
+            launch = self._launches.get(key)
+            if launch is None:
+                launch = self._new_launch(routing, x, autocast_dtype)
+                if len(self._launches) >= _ROUTE_CACHE_SIZE:
+                    self._launches.clear()
+                self._launches[key] = launch
+        if launch.base_only:
+            return base(x)
+        if self.kind == "conv" or self._dropout_active(launch.slots):
+            return self._forward_per_segment(x, routing, launch.slots)
+        x_rows, weight, bias, lora_a, lora_b = self._fused_operands(x, autocast_dtype)
+        y = planned_multi_lora_linear(
+            x_rows.reshape(-1, x_rows.shape[-1]), weight, bias, lora_a, lora_b, launch.plan, launch.backend
+        )
+        y = y.view(*x_rows.shape[:-1], weight.shape[0])
+        return y if self.kind == "linear" else y.movedim(-1, 1)
+
+    def _new_launch(self, routing: SegmentRouting, x: torch.Tensor, autocast_dtype) -> "_Launch":
+        """Everything the layer needs for one routing and input: adapter slots per segment and, for the fused path,
+        the validated row plan and backend. Checked here once, so the per-step path re-validates nothing."""
         if x.shape[0] != routing.total:
             raise RuntimeError(
                 f"{self.name}: input has {x.shape[0]} rows along dim 0 but segment_routing covers {routing.total}"
             )
-        base = self.base
+        slots = tuple(self._slot(mix) for mix in routing.mixes)
+        if all(s < 0 for s in slots):
+            return _Launch(slots, base_only=True)
+        if self.kind == "conv":  # the per-segment fallback uses the slots only
+            return _Launch(slots, base_only=False)
         # rows of the fused linear per sample: tokens (linear) or pixels (1x1 conv, a linear over channels)
         rows_per_sample = math.prod(x.shape[1:-1] if self.kind == "linear" else x.shape[2:])
-        slots, indptr, scales = self._route(routing, rows_per_sample)
-        if indptr is None:  # no adapter of any segment lives in this layer
-            return base(x)
-        if self.kind == "conv" or self._dropout_active(slots):
-            return self._forward_per_segment(x, routing, slots)
-        if self.kind == "linear":
-            return self._forward_fused(x, base.weight, base.bias, indptr, slots, scales)
-        out = self._forward_fused(x.movedim(1, -1), base.weight.flatten(1), base.bias, indptr, slots, scales)
-        return out.movedim(-1, 1)
-
-    def _route(self, routing: SegmentRouting, rows_per_sample: int):
-        """(slots, row indptr or None if all segments are base-only, segment scales or None), cached per routing
-        so the per-step hot path builds no lists."""
-        key = (routing, rows_per_sample)
-        route = self._routes.get(key)
-        if route is None:
-            slots = tuple(self._slot(mix) for mix in routing.mixes)
-            indptr = None
-            if any(s >= 0 for s in slots):
-                indptr = tuple(o * rows_per_sample for o in routing.offsets)
-            scales = None if routing.lora_scale == 1.0 else (routing.lora_scale,) * len(slots)
-            if len(self._routes) >= _ROUTE_CACHE_SIZE:
-                self._routes.clear()
-            route = self._routes[key] = (slots, indptr, scales)
-        return route
+        indptr = [o * rows_per_sample for o in routing.offsets]
+        scales = [routing.lora_scale] * len(slots)
+        x_rows, weight, bias, lora_a, lora_b = self._fused_operands(x, autocast_dtype)
+        _validate_tensors(x_rows, weight, bias, lora_a, lora_b)
+        num_rows = x.shape[0] * rows_per_sample
+        plan = _validate_segments(indptr, list(slots), scales, num_rows, lora_a.shape[0])
+        return _Launch(slots, False, plan, _resolve_backend("auto", x_rows))
 
     def _slot(self, mix: str | None) -> int:
         if mix is None:
@@ -288,13 +411,17 @@ class _SegmentedLoraLayer:
         except KeyError:
             raise ValueError(f"unknown mix {mix!r}; attached mixes: {sorted(self.slot_of_mix)}") from None
 
-    def _forward_fused(self, x, weight, bias, indptr, slots, scales) -> torch.Tensor:
-        autocast_dtype = _autocast_dtype(x)
-        if autocast_dtype is not None:  # as nn.Linear under torch.autocast: compute in the autocast dtype
+    def _fused_operands(self, x, autocast_dtype):
+        """x as rows over input features ([..., K]; a 1x1 conv's channels moved last), the base weight [N, K] and
+        bias, and the stacked adapters; all in the autocast dtype when autocast is on (as nn.Linear computes)."""
+        weight, bias = self.base.weight, self.base.bias
+        if self.kind == "conv1x1":
+            x, weight = x.movedim(1, -1), weight.flatten(1)
+        if autocast_dtype is not None:
             x, weight = x.to(autocast_dtype), weight.to(autocast_dtype)
             bias = None if bias is None else bias.to(autocast_dtype)
         lora_a, lora_b = self._stacks_now(weight.device, weight.dtype)
-        return multi_lora_linear(x, weight, bias, lora_a, lora_b, indptr, slots, scales)
+        return x, weight, bias, lora_a, lora_b
 
     def _dropout_active(self, slots) -> bool:
         if not (self.trainable and self.layer.training):
@@ -369,17 +496,25 @@ def _check_layer(name: str, layer: nn.Module, adapters_used: set[str]):
 # Attach / detach
 # --------------------------------------------------------------------------------------------------------------------
 class SegmentedLoraHandle:
-    """Returned by `attach_segmented_lora`; `detach()` gives every layer its original forward back."""
+    """Returned by `attach_segmented_lora`. `routing(segments)` routes its layers inside a with block; `detach()`
+    gives every layer its original forward back."""
 
-    def __init__(self, layers: list[_SegmentedLoraLayer], mixes: dict[str, dict[str, float]], checkpointing=()):
+    def __init__(self, model: nn.Module, layers: list[_SegmentedLoraLayer], mixes: dict[str, dict[str, float]],
+                 router: SegmentRouter, checkpointing=()):
+        self.model = model
         self.layers = layers
         self.mixes = mixes
+        self.router = router
         self._checkpointing = list(checkpointing)
         self.attached = True
 
     @property
     def mix_names(self) -> list[str]:
         return list(self.mixes)
+
+    def routing(self, segments, *, lora_scale: float = 1.0):
+        """Context manager: route the batch rows to mixes, [(n_rows, mix_name_or_None), ...] (see segment_routing)."""
+        return self.router.routing_as(self.router.plan(segments, lora_scale))
 
     def detach(self):
         if not self.attached:
@@ -388,6 +523,8 @@ class SegmentedLoraHandle:
             layer.restore()
         for module, func in self._checkpointing:
             module._gradient_checkpointing_func = func
+        if self.model.__dict__.get(_HANDLE_ATTR) is self:
+            del self.model.__dict__[_HANDLE_ATTR]
         self.attached = False
 
     def __enter__(self):
@@ -425,6 +562,9 @@ def attach_segmented_lora(
     enabled when attaching is made routing-aware (restored on detach); to enable it later, pass
     `gradient_checkpointing_func=routing_checkpoint`.
     """
+    unet = unwrap_model(unet)  # act on the module itself, not a torch.compile / DDP wrapper
+    if _HANDLE_ATTR in unet.__dict__:
+        raise ValueError("segmented LoRA layers are already attached to this model; detach them first")
     mixes = _check_mixes(unet, mixes)
     layers = lora_layers(unet)
     used = {a for weights in mixes.values() for a in weights}
@@ -436,10 +576,13 @@ def attach_segmented_lora(
     if unknown:
         raise ValueError(f"user_weighted names mixes {sorted(unknown)} that are not in mixes {sorted(mixes)}")
     user_weighted = frozenset(user_weighted)
-    segmented = [_SegmentedLoraLayer(name, layer, mixes, trainable, user_weighted) for name, layer in layers]
+    router = SegmentRouter()
+    segmented = [_SegmentedLoraLayer(name, layer, mixes, trainable, router, user_weighted) for name, layer in layers]
     for layer in segmented:
         layer.install()
-    return SegmentedLoraHandle(segmented, mixes, _make_checkpointing_routing_aware(unet))
+    handle = SegmentedLoraHandle(unet, segmented, mixes, router, _make_checkpointing_routing_aware(unet, router))
+    unet.__dict__[_HANDLE_ATTR] = handle  # found by segment_routing(model, ...); plain attribute, not a submodule
+    return handle
 
 
 def _check_mixes(unet: nn.Module, mixes) -> dict[str, dict[str, float]]:

@@ -46,9 +46,10 @@ SUPPORTED_PIPELINES = (
 )
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# How far up the stack a pipeline's own frame may be from the patched forward: Module._wrapped_call_impl and
-# _call_impl sit in between (plus a forward hook wrapper or two).
-_MAX_CALLER_FRAMES = 8
+# How far up the stack a pipeline's own frame may be from the patched forward's host bookkeeping: the host function and
+# its torch.compiler.disable wrappers, Module._wrapped_call_impl / _call_impl (twice under a torch.compile wrapper,
+# with dynamo's own frame between), accelerate's offload hook, a forward hook wrapper or two.
+_MAX_CALLER_FRAMES = 24
 
 
 @functools.cache  # called on every UNet call made by a pipeline sharing the patched UNet
@@ -76,7 +77,7 @@ def calling_pipeline():
     """The diffusers pipeline whose method called the UNet (its frame's `self`), or None for a direct call."""
     from diffusers import DiffusionPipeline
 
-    frame = sys._getframe(2)  # skip this function and the patched forward
+    frame = sys._getframe(1)  # from our caller up
     for _ in range(_MAX_CALLER_FRAMES):
         if frame is None:
             return None

@@ -6,8 +6,8 @@ The pipeline's `__call__` is untouched. The patch takes over `pipe.unet.forward`
 
 1. expands it to the mode's branch rows (every batch-dim input is replicated: sample, a batched timestep,
    encoder_hidden_states, added_cond_kwargs such as SDXL's text_embeds/time_ids, timestep_cond, masks, ...),
-2. runs ONE UNet call inside `segment_routing`, so every peft LoRA layer applies each row segment's adapter mix
-   through `multi_lora_linear`,
+2. runs ONE UNet call with the rows routed (the attach handle's router), so every peft LoRA layer applies each row
+   segment's adapter mix through `multi_lora_linear`,
 3. merges the branch outputs with `guidance_merge` (g = pipe.guidance_scale, rescale phi = pipe.guidance_rescale),
 4. returns [eps, eps] (or [eps]): the pipeline's own u + g(c - u) then yields eps, and its own
    rescale_noise_cfg(eps, eps, phi) leaves it unchanged (up to one rounding).
@@ -26,6 +26,12 @@ unpatched pipeline it multiplies the active adapters). Adapters (and their weigh
 after loading them, and patch again after changing them. Only UNet adapters are branch-specific: LoRA layers on the
 text encoders run as the user set them and feed the same prompt embeddings to every branch.
 
+torch.compile. The patched forward is an eager host function (step counting, the [start, stop) window, the step
+plan, the routing) around a traceable core (expand, one UNet call, merge): `torch.compile(pipe.unet, fullgraph=True)`
+or `pipe.unet.compile()`, before or after `patch`, traces the core without graph breaks, one graph per distinct step
+plan and input shape, and CUDA-graph replays never skip the host's state updates. patch / unpatch act on the module
+under a compile wrapper. The denoiser's attribute and input names live in one `Denoiser` record.
+
 The patched UNet reads guidance_scale, guidance_rescale, do_classifier_free_guidance and the scheduler from the
 pipeline that calls it: `pipe`, or another supported pipeline sharing the UNet (e.g. built from pipe.components);
 direct UNet calls read them from `pipe`. Adapters changed, fused or deleted after patching, and unsupported
@@ -37,11 +43,19 @@ import inspect
 import math
 import numbers
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from cgkernels.guidance import USER, GuidanceConfig, RowPlan, is_guided_step, mode_mixes, row_plan
-from cgkernels.lora_layers import attach_segmented_lora, loaded_adapters, lora_layers, segment_routing
+from cgkernels.lora_layers import (
+    SegmentRouter,
+    SegmentRouting,
+    attach_segmented_lora,
+    loaded_adapters,
+    lora_layers,
+    unwrap_model,
+)
 from cgkernels.ops import guidance_merge
 from cgkernels.patch_guard import AdapterGuard, calling_pipeline, check_dtype, check_pipeline, guidance_pipeline
 
@@ -50,18 +64,61 @@ __all__ = ["patch", "unpatch", "is_patched"]
 _STATE_ATTR = "_cgkernels_patch"
 
 
+def _unet_output(sample: torch.Tensor):
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    return UNet2DConditionOutput(sample=sample)
+
+
+@dataclass(frozen=True)
+class Denoiser:
+    """Where a pipeline keeps its denoiser, the name of its batched latent input and how it wraps its output: the
+    one place another model family (e.g. an SD3/Flux `transformer` taking `hidden_states`) plugs in."""
+
+    attr: str
+    sample_arg: str
+    make_output: Callable[[torch.Tensor], object]
+
+
+UNET = Denoiser(attr="unet", sample_arg="sample", make_output=_unet_output)
+
+
+def _denoiser_of(pipe) -> Denoiser:
+    return UNET  # every supported pipeline class is UNet-based
+
+
+@dataclass(frozen=True)
+class _StepPlan:
+    """What the compiled core does in one UNet call, decided on the host. Frozen and cached per distinct value:
+    torch.compile guards on these fields, so each distinct plan (and input shape) is one graph."""
+
+    routing: SegmentRouting  # the rows each adapter mix serves
+    batch: int  # B, the pipeline's batch per CFG half
+    halves: int  # 2 with CFG ([uncond, cond]), else 1
+    blocks: tuple[int, ...] | None  # per branch: which B-row block of the input feeds it; None = not guided
+    coeffs: tuple[float, ...] = ()
+    ref_coeffs: tuple[float, ...] = ()
+    rescale: float = 0.0
+
+
 @dataclass
 class _PatchState:
     config: GuidanceConfig
+    denoiser: Denoiser
+    module: torch.nn.Module  # the denoiser itself (under any torch.compile wrapper): what patch / unpatch change
     handle: object  # SegmentedLoraHandle or None when the mode needs no adapter
+    router: SegmentRouter
     user_mix: str | None
     had_instance_forward: bool
     previous_forward: object
     original_forward: object
     signature: inspect.Signature
+    guard: AdapterGuard
+    patched_forward: object = None
     step: int = 0
     timesteps_ref: object = None
     plans: dict = field(default_factory=dict)
+    step_plans: dict = field(default_factory=dict)
 
 
 def is_patched(pipe) -> bool:
@@ -85,63 +142,78 @@ def patch(
     strength s, guided window [start, stop) as fractions of the step count, NPO's merge_weight.
     Adapters enter at their configured scale (set_adapters weights are ignored, except by mode "cfg"), are read
     now (patch after loading them), and only UNet adapters are branch-specific: see the module docstring.
+    The UNet may be compiled before or after patching (torch.compile(pipe.unet) or pipe.unet.compile()).
     """
     check_pipeline(pipe)
     if is_patched(pipe):
         raise ValueError("this pipeline is already patched; call cgkernels.unpatch(pipe) first")
     config = GuidanceConfig(guidance, positive, negative, strength, start, stop, merge_weight)
     config.validate()
-    unet = pipe.unet
-    check_dtype(unet)
-    if "forward" in unet.__dict__ and getattr(unet.forward, "_cgkernels_patched", False):
-        raise ValueError("pipe.unet is already patched (shared with another pipeline?); unpatch that one first")
-    loaded = loaded_adapters(unet)
+    denoiser = _denoiser_of(pipe)
+    module = unwrap_model(getattr(pipe, denoiser.attr))  # the original module under a torch.compile wrapper
+    if getattr(module.__dict__.get("forward"), "_cgkernels_patched", False):
+        raise ValueError(f"pipe.{denoiser.attr} is already patched (shared with another pipeline?); unpatch that one "
+                         "first")
+    original_forward = module.forward
+    signature = inspect.signature(original_forward)
+    if denoiser.sample_arg not in signature.parameters:
+        raise ValueError(
+            f"pipe.{denoiser.attr}.forward{signature} does not take `{denoiser.sample_arg}`: it was replaced by a "
+            "wrapper that hides the model's signature. Restore the model's own forward before cgkernels.patch; "
+            f"to compile, compile the module (torch.compile(pipe.{denoiser.attr}) or pipe.{denoiser.attr}.compile()), "
+            "before or after patching"
+        )
+    check_dtype(module)
+    loaded = loaded_adapters(module)
     for adapter in config.adapters_used():
         if adapter not in loaded:
-            raise ValueError(f"adapter {adapter!r} is not loaded on pipe.unet; loaded adapters: {loaded}")
+            raise ValueError(f"adapter {adapter!r} is not loaded on pipe.{denoiser.attr}; loaded adapters: {loaded}")
 
     mixes = mode_mixes(config)
     user_mix = None
     if config.mode == "cfg":
-        active = _user_active_adapters(unet)
+        active = _user_active_adapters(module)
         if active:
             mixes[USER], user_mix = {a: 1.0 for a in active}, USER
-    handle = attach_segmented_lora(unet, mixes, user_weighted=[USER] if user_mix else ()) if mixes else None
+    handle = attach_segmented_lora(module, mixes, user_weighted=[USER] if user_mix else ()) if mixes else None
 
-    original_forward = unet.forward
     state = _PatchState(
         config=config,
+        denoiser=denoiser,
+        module=module,
         handle=handle,
+        router=handle.router if handle is not None else SegmentRouter(),
         user_mix=user_mix,
-        had_instance_forward="forward" in unet.__dict__,
-        previous_forward=unet.__dict__.get("forward"),
+        had_instance_forward="forward" in module.__dict__,
+        previous_forward=module.__dict__.get("forward"),
         original_forward=original_forward,
-        signature=inspect.signature(original_forward),
+        signature=signature,
+        guard=AdapterGuard(module, lora_layers(module), watch_user_settings=config.mode == "cfg"),
     )
-
-    guard = AdapterGuard(unet, lora_layers(unet), watch_user_settings=config.mode == "cfg")
-
-    def patched_forward(*args, **kwargs):
-        caller = calling_pipeline()
-        guard.check(caller)
-        return _guided_forward(guidance_pipeline(pipe, caller), state, args, kwargs)
-
-    patched_forward._cgkernels_patched = True
-    unet.forward = patched_forward
+    state.patched_forward = _host_forward(pipe, state)
+    module.forward = state.patched_forward
     setattr(pipe, _STATE_ATTR, state)
     return pipe
 
 
 def unpatch(pipe):
-    """Restore the pipeline's UNet forward and its peft LoRA layers exactly as they were before `patch`."""
+    """Restore the pipeline's UNet forward and its peft LoRA layers exactly as they were before `patch`.
+
+    Acts on the UNet module itself: a torch.compile wrapper made before or after patching keeps working (it
+    compiles the original forward again on its next call)."""
     state = getattr(pipe, _STATE_ATTR, None)
     if state is None:
         raise ValueError("this pipeline is not patched")
-    unet = pipe.unet
+    module = state.module
+    if module.__dict__.get("forward") is not state.patched_forward:
+        raise ValueError(
+            f"pipe.{state.denoiser.attr}.forward was replaced after cgkernels.patch; restore the patched forward "
+            "(or reload the pipeline) before unpatching"
+        )
     if state.had_instance_forward:
-        unet.forward = state.previous_forward
+        module.forward = state.previous_forward
     else:
-        unet.__dict__.pop("forward", None)
+        del module.__dict__["forward"]
     if state.handle is not None:
         state.handle.detach()
     delattr(pipe, _STATE_ATTR)
@@ -159,8 +231,103 @@ def _user_active_adapters(unet) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The patched forward
+# The patched forward: an eager host part around a traceable core
 # --------------------------------------------------------------------------------------------------------------------
+# torch.compile of the patched UNet (either form) reaches `module.forward`, the host function. It is excluded from
+# tracing (`disable(recursive=False)`: this frame only), so step counting, the [start, stop) window, plan selection
+# and setting the router run eagerly on every call, CUDA-graph replays included. Its one traced callee is the core,
+# which reads only its arguments and the router: one graph per distinct step plan and input shape. The host frame
+# calls nothing else that is not itself disabled (a callee frame would be traced and guard on the step counter).
+def _host_forward(pipe, state: _PatchState):
+    router = state.router
+    core = _core_forward(state.original_forward)
+
+    @torch.compiler.disable(recursive=False)
+    def patched_forward(*args, **kwargs):
+        inputs, step_plan, return_dict = _prepare_call(pipe, state, args, kwargs)
+        previous = router.current
+        router.current = step_plan.routing
+        try:
+            eps = core(inputs, step_plan)
+        finally:
+            router.current = previous
+        return _finish_call(state.denoiser, eps, return_dict)
+
+    patched_forward._cgkernels_patched = True
+    return patched_forward
+
+
+def _core_forward(original_forward):
+    """The traceable part: expand the CFG batch to the branch rows, one denoiser call, merge the branches."""
+
+    def core(inputs: dict, plan: _StepPlan) -> torch.Tensor:
+        if plan.blocks is None:  # unguided step: the pipeline's rows through the base model
+            return original_forward(**inputs, return_dict=False)[0]
+        rows = plan.batch * plan.halves
+        expanded = {k: _expand(v, rows, plan.batch, plan.blocks) for k, v in inputs.items()}
+        out = original_forward(**expanded, return_dict=False)[0]
+        preds = out.view(len(plan.blocks), plan.batch, *out.shape[1:])
+        eps = guidance_merge(preds, plan.coeffs, rescale=plan.rescale, ref_coeffs=plan.ref_coeffs)
+        return torch.cat([eps] * plan.halves) if plan.halves > 1 else eps
+
+    return core
+
+
+@torch.compiler.disable
+def _finish_call(denoiser: Denoiser, eps: torch.Tensor, return_dict: bool):
+    return denoiser.make_output(eps) if return_dict else (eps,)
+
+
+@torch.compiler.disable
+def _prepare_call(pipe, state: _PatchState, args, kwargs) -> tuple[dict, _StepPlan, bool]:
+    """Host bookkeeping of one UNet call: refuse adapters changed since patch time, find the pipeline whose guidance
+    settings apply (`pipe` or another pipeline sharing the UNet), bind the inputs, count the step, choose the plan."""
+    caller = calling_pipeline()
+    state.guard.check(caller)
+    pipe = guidance_pipeline(pipe, caller)
+    inputs = dict(state.signature.bind(*args, **kwargs).arguments)
+    return_dict = inputs.pop("return_dict", True)
+    lora_scale = _pop_lora_scale(inputs)
+    rows = inputs[state.denoiser.sample_arg].shape[0]
+    cfg = bool(pipe.do_classifier_free_guidance)
+    halves = 2 if cfg else 1
+    if rows % halves:
+        raise ValueError(f"UNet batch of {rows} rows cannot be the pipeline's CFG batch [uncond, cond]")
+    batch = rows // halves
+
+    step, num_steps = _current_step(pipe, state)
+    guided = num_steps is None or is_guided_step(step, num_steps, state.config.start, state.config.stop)
+    if not guided:
+        key = ("base", rows)
+    else:
+        guidance_scale = float(pipe.guidance_scale)
+        rescale = float(getattr(pipe, "_guidance_rescale", 0.0) or 0.0) if cfg else 0.0
+        key = (cfg, guidance_scale, rescale, batch, lora_scale)
+    step_plan = state.step_plans.get(key)
+    if step_plan is None:
+        if not guided:
+            step_plan = _StepPlan(state.router.plan([(rows, None)]), batch, halves, None)
+        else:
+            step_plan = _guided_step_plan(state, cfg, guidance_scale, rescale, batch, lora_scale)
+        state.step_plans[key] = step_plan
+    return inputs, step_plan, return_dict
+
+
+def _guided_step_plan(state: _PatchState, cfg: bool, guidance_scale: float, rescale: float, batch: int,
+                      lora_scale: float) -> _StepPlan:
+    plan = _plan(state, cfg, guidance_scale)
+    halves = 2 if cfg else 1
+    return _StepPlan(
+        routing=state.router.plan(plan.routing(batch), lora_scale),
+        batch=batch,
+        halves=halves,
+        blocks=tuple(plan.input_blocks(cfg)),
+        coeffs=tuple(plan.coeffs),
+        ref_coeffs=tuple(plan.ref_coeffs),
+        rescale=rescale,
+    )
+
+
 def _current_step(pipe, state: _PatchState) -> tuple[int, int | None]:
     """(k, N): the scheduler step of this UNet call and the pipeline's number of scheduler steps.
 
@@ -174,42 +341,6 @@ def _current_step(pipe, state: _PatchState) -> tuple[int, int | None]:
     order = int(getattr(pipe.scheduler, "order", 1) or 1)
     num_calls = getattr(pipe, "_num_timesteps", None)
     return call // order, None if num_calls is None else -(-num_calls // order)
-
-
-def _guided_forward(pipe, state: _PatchState, args, kwargs):
-    bound = state.signature.bind(*args, **kwargs)
-    inputs = dict(bound.arguments)
-    return_dict = inputs.pop("return_dict", True)
-    lora_scale = _pop_lora_scale(inputs)
-    rows = inputs["sample"].shape[0]
-    cfg = bool(pipe.do_classifier_free_guidance)
-    halves = 2 if cfg else 1
-    if rows % halves:
-        raise ValueError(f"UNet batch of {rows} rows cannot be the pipeline's CFG batch [uncond, cond]")
-    batch = rows // halves
-
-    step, num_steps = _current_step(pipe, state)
-    guided = num_steps is None or is_guided_step(step, num_steps, state.config.start, state.config.stop)
-    if not guided:
-        with segment_routing([(rows, None)]):
-            return state.original_forward(**inputs, return_dict=return_dict)
-
-    guidance_scale = float(pipe.guidance_scale)
-    plan = _plan(state, cfg, guidance_scale)
-    blocks = plan.input_blocks(cfg)
-    expanded = {k: _expand(v, rows, batch, blocks) for k, v in inputs.items()}
-    with segment_routing(plan.routing(batch), lora_scale=lora_scale):
-        result = state.original_forward(**expanded, return_dict=False)
-    out = result[0]
-    preds = out.view(len(plan.branches), batch, *out.shape[1:])
-    rescale = float(getattr(pipe, "_guidance_rescale", 0.0) or 0.0) if cfg else 0.0
-    eps = guidance_merge(preds, list(plan.coeffs), rescale=rescale, ref_coeffs=list(plan.ref_coeffs))
-    eps = torch.cat([eps] * halves) if halves > 1 else eps
-    if return_dict:
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        return UNet2DConditionOutput(sample=eps)
-    return (eps,)
 
 
 def _pop_lora_scale(inputs: dict) -> float:
@@ -235,7 +366,7 @@ def _plan(state: _PatchState, cfg: bool, guidance_scale: float) -> RowPlan:
     return plan
 
 
-def _expand(value, rows: int, batch: int, blocks: list[int]):
+def _expand(value, rows: int, batch: int, blocks: tuple[int, ...]):
     """Replicate every tensor whose dim 0 is the pipeline's batch into the plan's row blocks (recursing into
     dicts, lists and tuples, e.g. added_cond_kwargs, ControlNet residuals)."""
     if isinstance(value, torch.Tensor):
@@ -243,7 +374,7 @@ def _expand(value, rows: int, batch: int, blocks: list[int]):
             return value  # e.g. a scalar timestep
         halves = rows // batch
         repeats, leftover = divmod(len(blocks), halves)
-        if leftover == 0 and blocks == list(range(halves)) * repeats:  # the whole batch, repeated
+        if leftover == 0 and blocks == tuple(range(halves)) * repeats:  # the whole batch, repeated
             return torch.cat([value] * repeats)
         return torch.cat([value[b * batch:(b + 1) * batch] for b in blocks])
     if isinstance(value, dict):

@@ -88,7 +88,7 @@ def test_routed_forward_matches_reference(segments):
     x = torch.randn(sum(n for n, _ in segments), 6, 5, 3)
     expected = reference(net, x, segments, MIXES)
     handle = attach_segmented_lora(net, MIXES)
-    with torch.no_grad(), segment_routing(segments):
+    with torch.no_grad(), segment_routing(net, segments):
         out = net(x)
     handle.detach()
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
@@ -119,7 +119,7 @@ def test_trainable_gradients_match_reference():
     (reference(net, x, segments, MIXES, net64=ref_net64) * grad_out.double()).sum().backward()
 
     handle = attach_segmented_lora(net, MIXES, trainable=True)
-    with segment_routing(segments):
+    with segment_routing(net, segments):
         (net(x) * grad_out).sum().backward()
     handle.detach()
     ref_grads = dict(ref_net64.named_parameters())
@@ -137,12 +137,12 @@ def test_dropout_only_in_train_mode_and_only_on_adapter_rows():
     segments = [(1, None), (2, "pos")]
     handle = attach_segmented_lora(net, MIXES, trainable=True)
     net.eval()
-    with torch.no_grad(), segment_routing(segments):
+    with torch.no_grad(), segment_routing(net, segments):
         eval_out = net(x)
     torch.testing.assert_close(eval_out.double(), reference(net, x, segments, MIXES), rtol=1e-5, atol=1e-5)
     net.train()
     torch.manual_seed(1)
-    with torch.no_grad(), segment_routing(segments):
+    with torch.no_grad(), segment_routing(net, segments):
         train_out = net(x)
     handle.detach()
     torch.testing.assert_close(train_out[:1], eval_out[:1], rtol=1e-6, atol=1e-6)  # base rows: no dropout
@@ -172,7 +172,7 @@ def test_unet_routing_matches_per_adapter_calls():
         expected = torch.cat([branch("pos", slice(0, 1)), branch("neg", slice(1, 2)), branch(None, slice(2, 3))])
         unet.enable_lora()
         handle = attach_segmented_lora(unet, {"pos": {"pos": 1.0}, "neg": {"neg": 1.0}})
-        with segment_routing([(1, "pos"), (1, "neg"), (1, None)]):
+        with handle.routing([(1, "pos"), (1, "neg"), (1, None)]):
             out = unet(sample, t, text, return_dict=False)[0]
         handle.detach()
     # one batched UNet call vs one call per branch: fp32 rounding bound from the output magnitude
@@ -193,16 +193,16 @@ def test_lora_scale_configured_scaling_and_cast_after_attach():
     for m in net.modules():
         if isinstance(m, LoraLayer):
             m.set_scale("pos", 3.0)  # what set_adapters(["pos"], [3.0]) does: must not leak into the mixes
-    with torch.no_grad(), segment_routing(segments, lora_scale=0.5):
+    with torch.no_grad(), segment_routing(net, segments, lora_scale=0.5):
         out = net(x)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     net.double()
-    with torch.no_grad(), segment_routing(segments, lora_scale=0.5):
+    with torch.no_grad(), segment_routing(net, segments, lora_scale=0.5):
         out64 = net(x.double())
     handle.detach()
     assert out64.dtype == torch.float64
     torch.testing.assert_close(out64, expected, rtol=1e-10, atol=1e-10)
-    with pytest.raises(ValueError, match="lora_scale"), segment_routing(segments, lora_scale=float("inf")):
+    with pytest.raises(ValueError, match="lora_scale"), handle.routing(segments, lora_scale=float("inf")):
         pass
 
 def test_autocast_computes_in_the_autocast_dtype():
@@ -212,7 +212,7 @@ def test_autocast_computes_in_the_autocast_dtype():
     x = torch.randn(4, 6, 3, 5)
     expected = reference(net, x, segments, MIXES)
     handle = attach_segmented_lora(net, MIXES)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), segment_routing(segments):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), segment_routing(net, segments):
         out = net(x)
     handle.detach()
     assert out.dtype == torch.bfloat16
@@ -227,12 +227,12 @@ def test_bad_inputs():
     handle = attach_segmented_lora(net, MIXES)
     with pytest.raises(ValueError, match="already attached"):
         attach_segmented_lora(net, MIXES)
-    with pytest.raises(ValueError, match="unknown mix"), segment_routing([(2, "other")]):
+    with pytest.raises(ValueError, match="unknown mix"), segment_routing(net, [(2, "other")]):
         net(torch.randn(2, 6, 3, 3))
-    with pytest.raises(RuntimeError, match="rows"), segment_routing([(3, "pos")]):
+    with pytest.raises(RuntimeError, match="rows"), segment_routing(net, [(3, "pos")]):
         net(torch.randn(2, 6, 3, 3))
     with pytest.raises(ValueError):
-        with segment_routing([(-1, "pos")]):
+        with segment_routing(net, [(-1, "pos")]):
             pass
     handle.detach()
 
@@ -262,7 +262,7 @@ def test_gradient_checkpointing_recomputes_with_the_routing():
         for p in params:
             p.grad = None
         handle = attach_segmented_lora(unet, {"pos": {"pos": 1.0}, "neg": {"neg": 1.0}}, trainable=True)
-        with segment_routing(segments):
+        with handle.routing(segments):
             out = unet(sample, t, text, return_dict=False)[0]
         out.square().mean().backward()
         handle.detach()
@@ -277,7 +277,7 @@ def test_gradient_checkpointing_recomputes_with_the_routing():
     unet.enable_gradient_checkpointing(gradient_checkpointing_func=routing_checkpoint)  # enabled after attaching
     for p in params:
         p.grad = None
-    with segment_routing(segments):
+    with handle.routing(segments):
         out = unet(sample, t, text, return_dict=False)[0]
     out.square().mean().backward()
     after_attach = [p.grad.clone() for p in params]
@@ -287,3 +287,76 @@ def test_gradient_checkpointing_recomputes_with_the_routing():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6)
     assert any(g.abs().max() > 0 for g in plain)
+
+def test_routed_layers_compile_fullgraph_one_graph_per_routing():
+    """The layers read the routing as data: dynamo traces them without breaks, compiles once per distinct routing
+    (the same plan again reuses its graph), and the results equal eager."""
+    from torch._dynamo.utils import counters
+
+    net = make_net()
+    x = torch.randn(4, 6, 3, 5)
+    plans = [[(1, "neg"), (2, "combo"), (1, None)], [(2, "pos"), (2, None)]]
+    handle = attach_segmented_lora(net, MIXES)
+    with torch.no_grad():
+        eager = []
+        for segments in plans:
+            with handle.routing(segments):
+                eager.append(net(x))
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(net, fullgraph=True, backend="eager")
+        for _ in range(2):
+            for segments, expected in zip(plans, eager):
+                with segment_routing(compiled, segments):  # the model found through the compile wrapper
+                    torch.testing.assert_close(compiled(x), expected, rtol=0, atol=0)
+    assert sum(counters["graph_break"].values()) == 0
+    assert counters["stats"]["unique_graphs"] == 2
+    torch._dynamo.reset()
+    handle.detach()
+
+
+def test_trainable_layers_compile_with_gradients():
+    """The trainer's mechanism under torch.compile (aot_eager): rebuilt stacks and the op's registered backward give
+    the eager gradients."""
+    net = make_net()
+    x = torch.randn(3, 6, 4, 4)
+    segments = [(1, "pos"), (1, None), (1, "neg")]
+    params = [p for n, p in net.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    handle = attach_segmented_lora(net, MIXES, trainable=True)
+
+    def grads(model):
+        for p in params:
+            p.grad = None
+        with handle.routing(segments):
+            model(x).square().sum().backward()
+        return [p.grad.clone() for p in params]
+
+    eager = grads(net)
+    torch._dynamo.reset()
+    compiled = grads(torch.compile(net, fullgraph=True, backend="aot_eager"))
+    torch._dynamo.reset()
+    handle.detach()
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(g.abs().max() > 0 for g in eager)
+
+
+def test_eager_launch_validated_once_per_routing_and_shape(monkeypatch):
+    """Per (routing, input shape, dtype, device) the layer validates once; repeated steps re-validate nothing."""
+    import cgkernels.lora_layers as layers_module
+
+    calls = []
+    validate = layers_module._validate_tensors
+    monkeypatch.setattr(layers_module, "_validate_tensors", lambda *a: calls.append(1) or validate(*a))
+    net = make_net()
+    handle = attach_segmented_lora(net, MIXES)
+    fused_layers = 3  # proj_in (1x1 conv), to_q, to_out; the 3x3 conv runs the per-segment fallback
+    with torch.no_grad(), handle.routing([(1, "pos"), (1, "combo")]):
+        for _ in range(3):
+            net(torch.randn(2, 6, 3, 3))
+        assert len(calls) == fused_layers
+        net(torch.randn(2, 6, 4, 3))  # a new shape: validated once more
+        assert len(calls) == 2 * fused_layers
+    handle.detach()

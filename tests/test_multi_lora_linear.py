@@ -419,3 +419,97 @@ def test_strided_bias_matches_reference_on_both_backends():
     for backend in ("torch", "triton"):
         out = multi_lora_linear(x, weight, bias, lora_a, lora_b, indptr, adapters, backend=backend)
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The torch.library op (what torch.compile sees)
+# ----------------------------------------------------------------------------------------------------------------
+def _op_args(tensors, backend, layout=LAYOUT):
+    return (*tensors, list(layout["seg_indptr"]), list(layout["seg_adapter"]), list(layout["seg_scale"]), backend)
+
+
+@pytest.mark.parametrize("backend,dtype,train_base", [("torch", torch.float64, True), ("torch", torch.float32, False),
+                                                     ("triton", torch.float32, True)])
+def test_opcheck_with_gradients(backend, dtype, train_base):
+    tensors = make_inputs(M_SMALL, 9, 11, ranks=[3, 4, 2], dtype=dtype, device="cpu", seed=13)
+    trainable = [True, train_base, train_base, True, True]
+    leaves = [t.clone().requires_grad_(flag) for t, flag in zip(tensors, trainable)]
+    result = torch.library.opcheck(torch.ops.cgkernels.multi_lora_linear.default, _op_args(leaves, backend))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_op_autograd_matches_reference(backend):
+    """The op's registered autograd (used under torch.compile) against float64 autograd of the reference."""
+    dtype = torch.float32
+    tensors = make_inputs(M_SMALL, 13, 17, ranks=[5, 8, 3], dtype=dtype, device="cpu", seed=17)
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    grad_y = torch.randn(M_SMALL, 13, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    y = torch.ops.cgkernels.multi_lora_linear(*_op_args(leaves, backend))
+    y.backward(grad_y.to(dtype))
+    ref_leaves = [t.detach().double().requires_grad_() for t in tensors]
+    ref = multi_lora_linear_reference(*ref_leaves, **LAYOUT)
+    ref.backward(grad_y)
+    assert_close_rel(y, ref.detach(), TOLERANCE[dtype])
+    for name, leaf, ref_leaf in zip(["x", "weight", "bias", "lora_a", "lora_b"], leaves, ref_leaves):
+        assert_close_rel(leaf.grad, ref_leaf.grad, GRAD_TOLERANCE[dtype], what=f"grad {name}")
+
+
+def _compile_counting_breaks(fn, backend):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    return torch.compile(fn, fullgraph=True, backend=backend), lambda: sum(counters["graph_break"].values())
+
+
+def test_compiles_fullgraph_forward_and_backward():
+    """One opaque node under torch.compile (aot_eager: fake implementation, functionalized registered backward):
+    no graph break, values and gradients as the float64 reference."""
+    dtype = torch.float32
+    x, weight, bias, lora_a, lora_b = make_inputs(M_SMALL, 13, 17, ranks=[5, 8, 3], dtype=dtype, device="cpu",
+                                                  seed=19)
+    x = x.reshape(2, 35, 17)
+    leaves = [t.clone().requires_grad_() for t in (x, lora_a, lora_b)]
+
+    def step(x, lora_a, lora_b):
+        return multi_lora_linear(x, weight, bias, lora_a, lora_b, **LAYOUT).square().sum()
+
+    compiled, graph_breaks = _compile_counting_breaks(step, "aot_eager")
+    loss = compiled(*leaves)
+    loss.backward()
+    assert graph_breaks() == 0
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, lora_a, lora_b)]
+    ref_loss = multi_lora_linear_reference(ref_leaves[0], weight.double(), bias.double(), ref_leaves[1],
+                                           ref_leaves[2], **LAYOUT).square().sum()
+    ref_loss.backward()
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    for name, leaf, ref_leaf in zip(["x", "lora_a", "lora_b"], leaves, ref_leaves):
+        assert_close_rel(leaf.grad, ref_leaf.grad, GRAD_TOLERANCE[dtype], what=f"grad {name}")
+    torch._dynamo.reset()
+
+
+def test_inductor_keeps_the_op_opaque():
+    """Inductor lowers the op as one extern call (inference: the graph is the op alone, so no C++ is compiled)."""
+    tensors = make_inputs(M_SMALL, 13, 17, ranks=[5, 8, 3], dtype=torch.float32, device="cpu", seed=29)
+    compiled, graph_breaks = _compile_counting_breaks(
+        lambda *ts: multi_lora_linear(*ts, **LAYOUT), "inductor"
+    )
+    with torch.no_grad():
+        y = compiled(*tensors)
+    assert graph_breaks() == 0
+    assert_close_rel(y, reference_of(tensors, **LAYOUT), TOLERANCE[torch.float32])
+    torch._dynamo.reset()
+
+
+def test_op_validates_each_routing_once(monkeypatch):
+    """The op body rebuilds its SegmentPlan from a cache: a repeated routing is not validated again."""
+    calls = []
+    validate = mll._validate_segments
+    monkeypatch.setattr(mll, "_validate_segments", lambda *a: calls.append(a) or validate(*a))
+    mll._plan_cache.clear()
+    tensors = make_inputs(M_SMALL, 5, 6, ranks=[2, 2, 2], dtype=torch.float32, device="cpu", seed=23)
+    first = torch.ops.cgkernels.multi_lora_linear(*_op_args(tensors, "torch"))
+    for _ in range(3):
+        torch.testing.assert_close(torch.ops.cgkernels.multi_lora_linear(*_op_args(tensors, "torch")), first)
+    assert len(calls) == 1

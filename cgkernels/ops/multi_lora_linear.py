@@ -31,7 +31,10 @@ except ImportError:  # torch backend only
     triton = None
     tl = None
 
-__all__ = ["multi_lora_linear", "multi_lora_linear_reference", "KernelConfig", "KERNEL_CONFIGS", "force_kernel_config"]
+__all__ = [
+    "multi_lora_linear", "multi_lora_linear_reference", "planned_multi_lora_linear", "KernelConfig", "KERNEL_CONFIGS",
+    "force_kernel_config",
+]
 
 IntSequence = Union[Sequence[int], torch.Tensor]
 FloatSequence = Union[Sequence[float], torch.Tensor]
@@ -52,7 +55,15 @@ class SegmentPlan:
     scale: tuple
 
     def runs(self):
-        """Non-empty (start, end, adapter, scale) runs; neighbours with the same adapter and scale are merged."""
+        """Non-empty (start, end, adapter, scale) runs; neighbours with the same adapter and scale are merged.
+        Computed once per plan (a plan serves every step of its routing)."""
+        cached = self.__dict__.get("_runs")
+        if cached is None:
+            cached = tuple(self._merged_runs())
+            object.__setattr__(self, "_runs", cached)  # a memo, not a field: equality and hash ignore it
+        return cached
+
+    def _merged_runs(self):
         merged = []
         for s, adapter in enumerate(self.adapter):
             start, end = self.indptr[s], self.indptr[s + 1]
@@ -121,6 +132,27 @@ def _validate_segments(seg_indptr, seg_adapter, seg_scale, num_rows: int, num_ad
         if not math.isfinite(scale[s]):
             raise ValueError(f"seg_scale[{s}] = {scale[s]} is not finite")
     return SegmentPlan(tuple(indptr), tuple(adapter), tuple(scale))
+
+
+_PLAN_CACHE_SIZE = 1024
+_plan_cache: dict = {}
+
+
+def _segment_plan(seg_indptr, seg_adapter, seg_scale, num_rows: int, num_adapters: int) -> SegmentPlan:
+    """The SegmentPlan of op-level metadata (lists of plain ints / floats), validated once per distinct value.
+
+    The custom op and its backward receive the metadata the Python wrapper already checked strictly (types
+    included); here a repeat of the same routing, as in every UNet step, costs one dict lookup."""
+    if type(num_rows) is not int or type(num_adapters) is not int:  # symbolic sizes while tracing: no caching
+        return _validate_segments(seg_indptr, seg_adapter, seg_scale, num_rows, num_adapters)
+    key = (tuple(seg_indptr), tuple(seg_adapter), tuple(seg_scale), num_rows, num_adapters)
+    plan = _plan_cache.get(key)
+    if plan is None:
+        plan = _validate_segments(seg_indptr, seg_adapter, seg_scale, num_rows, num_adapters)
+        if len(_plan_cache) >= _PLAN_CACHE_SIZE:
+            _plan_cache.clear()
+        _plan_cache[key] = plan
+    return plan
 
 
 def _validate_tensors(x, weight, bias, lora_a, lora_b) -> None:
@@ -546,6 +578,87 @@ class _MultiLoraLinearFunction(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# torch.library op: what torch.compile sees
+# ----------------------------------------------------------------------------------------------------------------
+# Under torch.compile the whole layer is one opaque node `torch.ops.cgkernels.multi_lora_linear` with a fake
+# implementation. Segment metadata travels as int[] / float[] arguments: host values, constants of the graph, never
+# device tensors (no syncs). The op body and its backward rebuild the SegmentPlan through a cache, so a routing is
+# validated once, not per call. Eager calls skip the dispatcher (see `planned_multi_lora_linear`): the custom op's
+# Python autograd wrapper costs more host time than the whole fused call at small sizes.
+@torch.library.custom_op("cgkernels::multi_lora_linear", mutates_args=(), device_types=("cpu", "cuda"))
+def _multi_lora_linear_op(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    seg_indptr: list[int],
+    seg_adapter: list[int],
+    seg_scale: list[float],
+    backend: str,
+) -> torch.Tensor:
+    plan = _segment_plan(seg_indptr, seg_adapter, seg_scale, x2.shape[0], lora_a.shape[0])
+    return _FORWARDS[backend](x2, weight, bias, lora_a, lora_b, plan)
+
+
+@_multi_lora_linear_op.register_fake
+def _multi_lora_linear_fake(x2, weight, bias, lora_a, lora_b, seg_indptr, seg_adapter, seg_scale, backend):
+    torch._check(x2.shape[1] == weight.shape[1], lambda: "multi_lora_linear: x and weight disagree on K")
+    return x2.new_empty((x2.shape[0], weight.shape[0]))
+
+
+def _op_setup_context(ctx, inputs, output):
+    x2, weight, bias, lora_a, lora_b, seg_indptr, seg_adapter, seg_scale, backend = inputs
+    ctx.save_for_backward(x2, weight, lora_a, lora_b)
+    ctx.segments = (seg_indptr, seg_adapter, seg_scale)
+    ctx.backend, ctx.has_bias = backend, bias is not None
+
+
+def _op_backward(ctx, grad_y):
+    x2, weight, lora_a, lora_b = ctx.saved_tensors
+    seg_indptr, seg_adapter, seg_scale = ctx.segments
+    plan = _segment_plan(seg_indptr, seg_adapter, seg_scale, x2.shape[0], lora_a.shape[0])
+    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    grad_y = grad_y.contiguous()
+    grad_x = grad_w = grad_bias = lora_grad_x = None
+    if need_x and ctx.backend == "torch":
+        grad_x = lora_grad_x = grad_y @ weight  # _lora_grads adds each segment's LoRA part in place
+    elif need_x:
+        # dx = dy W + scale * (dy B_a) A_a: the op itself on transposed views (one opaque node when compiled)
+        grad_x = _multi_lora_linear_op(
+            grad_y, weight.t(), None, lora_b.transpose(1, 2), lora_a.transpose(1, 2), seg_indptr, seg_adapter,
+            seg_scale, ctx.backend,
+        )
+    if need_w:
+        grad_w = grad_y.t() @ x2
+    if need_bias and ctx.has_bias:
+        grad_bias = grad_y.sum(0)
+    grad_a, grad_b = _lora_grads(x2, grad_y, lora_a, lora_b, plan, need_a, need_b, grad_x=lora_grad_x)
+    return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None
+
+
+_multi_lora_linear_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+def planned_multi_lora_linear(x2, weight, bias, lora_a, lora_b, plan: SegmentPlan, backend: str) -> torch.Tensor:
+    """The fused linear on already validated operands: x2 [M, K], a SegmentPlan, a resolved backend.
+
+    Callers that validated the tensors and metadata once (the segmented LoRA layers, per routing and input shape)
+    call this on every step. Under torch.compile it emits the custom op; in eager mode it calls the same
+    implementation directly, which saves the dispatcher's host time.
+    """
+    if torch.compiler.is_compiling():
+        return _multi_lora_linear_op(x2, weight, bias, lora_a, lora_b, list(plan.indptr), list(plan.adapter),
+                                     list(plan.scale), backend)
+    if torch.is_grad_enabled() and (
+        x2.requires_grad or weight.requires_grad or lora_a.requires_grad or lora_b.requires_grad
+        or (bias is not None and bias.requires_grad)
+    ):
+        return _MultiLoraLinearFunction.apply(x2, weight, bias, lora_a, lora_b, plan, backend)
+    return _FORWARDS[backend](x2, weight, bias, lora_a, lora_b, plan)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------------------
 def _resolve_backend(backend: str, x: torch.Tensor) -> str:
@@ -601,11 +714,7 @@ def multi_lora_linear(
     x2 = x.reshape(-1, in_features)
     plan = _validate_segments(seg_indptr, seg_adapter, seg_scale, x2.shape[0], lora_a.shape[0])
     backend = _resolve_backend(backend, x)
-    tensors = (x2, weight, bias, lora_a, lora_b)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        y = _MultiLoraLinearFunction.apply(x2, weight, bias, lora_a, lora_b, plan, backend)
-    else:
-        y = _FORWARDS[backend](x2, weight, bias, lora_a, lora_b, plan)
+    y = planned_multi_lora_linear(x2, weight, bias, lora_a, lora_b, plan, backend)
     return y.reshape(*x.shape[:-1], out_features)
 
 

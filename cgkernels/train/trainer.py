@@ -414,18 +414,12 @@ def _collect(per_adapter: dict[str, tuple]) -> tuple[torch.Tensor, dict]:
     return loss, metrics
 
 
-def _route_rows(segments):
-    """The trainer's only routing call: consecutive batch rows -> adapter (None = frozen base) for the segmented
-    layers called inside the block; segments = [(n_rows, adapter or None), ...]."""
-    return segment_routing(segments)
-
-
 def joint_step(unet, reference_unet, inputs: PairInputs, objective: str, beta: float, backward: Callable):
     """All adapters of the objective in one UNet pass (segmented LoRA layers); backward runs inside the routing
     context so gradient-checkpoint recomputation sees the same routing. Returns (loss, metrics)."""
     b = inputs.batch_size
     if objective == "sft":
-        with _route_rows([(b, "pos"), (b, "neg")]):
+        with segment_routing(unet, [(b, "pos"), (b, "neg")]):
             pred = _unet_rows(unet, inputs, ["w", "l"])
             per_adapter = {
                 "pos": (sft_loss(pred[:b], inputs.target["w"], inputs.loss_weights), {}),
@@ -435,9 +429,9 @@ def joint_step(unet, reference_unet, inputs: PairInputs, objective: str, beta: f
             backward(loss)
         return loss, metrics
     adapters = {"dpo": ["pos"], "npo": ["neg"], "dpo+npo": ["pos", "neg"]}[objective]
-    with torch.no_grad(), _route_rows([(2 * b, None)]):
+    with torch.no_grad(), segment_routing(reference_unet, [(2 * b, None)]):
         ref = _unet_rows(reference_unet, inputs, ["w", "l"]).float()
-    with _route_rows([(2 * b, a) for a in adapters]):
+    with segment_routing(unet, [(2 * b, a) for a in adapters]):
         pred = _unet_rows(unet, inputs, ["w", "l"] * len(adapters))
         per_adapter = {}
         for i, adapter in enumerate(adapters):

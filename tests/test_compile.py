@@ -1,0 +1,158 @@
+"""torch.compile of patched pipelines: no graph breaks, one graph per step plan, every patch / compile order.
+
+Graph breaks and graphs are counted from dynamo's own counters. Compiles use backend="eager" (dynamo's tracing is
+what is checked; the custom ops' fake implementations are exercised by aot / inductor in test_multi_lora_linear.py).
+Each pipeline run has two step plans: with stop=0.5 and 2 steps, step 0 is guided (6 branch rows per sample) and
+step 1 runs the base model only, so a correct host/core split compiles exactly two graphs and never recompiles.
+"""
+import contextlib
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import cgkernels
+from cgkernels.testing import add_random_lora, tiny_sd_pipeline
+
+PATCH = dict(guidance="contrastive", strength=1.5, start=0.0, stop=0.5)
+
+
+def _pipe(kind):
+    pipe = tiny_sd_pipeline(kind, seed=3)
+    add_random_lora(pipe, "pos", rank=4, seed=1, lora_alpha=6)
+    add_random_lora(pipe, "neg", rank=3, seed=2, lora_alpha=2,
+                    target_modules=("to_k", "to_v", "proj_in", "ff.net.2", "conv1"))
+    pipe.unet.set_adapters(["pos", "neg"])
+    return pipe
+
+
+def _run(pipe, steps=2):
+    return pipe(prompt=["a red circle"], num_inference_steps=steps, guidance_scale=5.0, guidance_rescale=0.3,
+                output_type="latent", generator=torch.Generator().manual_seed(0)).images
+
+
+@contextlib.contextmanager
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        yield
+    finally:
+        torch._dynamo.reset()
+
+
+def _graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def _graph_breaks() -> int:
+    return sum(counters["graph_break"].values())
+
+
+def _assert_close(actual, expected):
+    # The eager backend runs the same kernels as eager mode; allow fp32 reassociation anyway.
+    scale = expected.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale)
+
+
+def _compile(pipe, how):
+    if how == "wrapper":
+        pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend="eager")
+    else:
+        pipe.unet.compile(fullgraph=True, backend="eager")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,how,steps", [("sd15", "wrapper", 2), ("sdxl", "in_place", 1)])
+def test_patch_then_compile_one_graph_per_plan_then_unpatch(kind, how, steps):
+    """SD1.5: 2 steps, a guided and a base-only plan; SDXL (its added_cond_kwargs): 1 guided step, to save time."""
+    pipe = _pipe(kind)
+    module = pipe.unet
+    plain = _run(pipe, steps=1) if how == "wrapper" else None
+    cgkernels.patch(pipe, **PATCH)
+    eager = _run(pipe, steps)
+    with _fresh_dynamo():
+        _compile(pipe, how)
+        compiled = _run(pipe, steps)
+        assert _graph_breaks() == 0, dict(counters["graph_break"])
+        assert _graphs() == steps  # one per step plan: the guided one (and the base-only one)
+        again = _run(pipe, steps)
+        assert _graphs() == steps  # state updates ran on the host: no recompiles, the same graphs replayed
+        _assert_close(compiled, eager)
+        _assert_close(again, eager)
+
+        wrapper_forward = pipe.unet.__dict__.get("forward") if how == "wrapper" else None
+        cgkernels.unpatch(pipe)
+        assert "forward" not in module.__dict__  # the original class forward, bit for bit
+        if how == "in_place":
+            return
+        assert pipe.unet.__dict__.get("forward") is wrapper_forward  # the compile wrapper keeps its own forward
+        torch.testing.assert_close(_run(pipe, steps=1), plain, rtol=0, atol=0)  # recompiled: the plain UNet
+        cgkernels.patch(pipe, **PATCH)  # patching the compiled UNet again works
+        _assert_close(_run(pipe, steps=1), eager_first_step(pipe, module))
+        assert _graph_breaks() == 0
+        cgkernels.unpatch(pipe)
+
+
+def eager_first_step(pipe, module):
+    """The patched eager result of a one-step run (the compiled wrapper set aside for the call)."""
+    compiled, pipe.unet = pipe.unet, module
+    try:
+        return _run(pipe, steps=1)
+    finally:
+        pipe.unet = compiled
+
+
+@pytest.mark.slow
+def test_compile_then_patch_acts_on_the_original_module():
+    pipe = _pipe("sd15")
+    cgkernels.patch(pipe, **PATCH)
+    eager = _run(pipe, steps=1)
+    cgkernels.unpatch(pipe)
+    module = pipe.unet
+    with _fresh_dynamo():
+        pipe.unet = torch.compile(module, fullgraph=True, backend="eager")
+        cgkernels.patch(pipe, **PATCH)
+        assert "forward" in module.__dict__  # patched the original module, not the wrapper
+        _assert_close(_run(pipe, steps=1), eager)
+        assert _graph_breaks() == 0 and _graphs() == 1
+        cgkernels.unpatch(pipe)
+        assert "forward" not in module.__dict__
+
+
+def test_unsupported_compile_forms_raise_clear_errors():
+    pipe = _pipe("sd15")
+    module = pipe.unet
+    module.forward = lambda *args, **kwargs: None  # a forward wrapper that hides the UNet's signature
+    with pytest.raises(ValueError, match="compile the module"):
+        cgkernels.patch(pipe, **PATCH)
+    del module.__dict__["forward"]
+    cgkernels.patch(pipe, **PATCH)
+    patched = module.__dict__["forward"]
+    module.forward = lambda *a, **k: None  # replaced behind the patch's back
+    with pytest.raises(ValueError, match="replaced after cgkernels.patch"):
+        cgkernels.unpatch(pipe)
+    module.forward = patched
+    cgkernels.unpatch(pipe)
+    assert "forward" not in module.__dict__
+
+
+@pytest.mark.cuda
+def test_reduce_overhead_captures_cuda_graphs():
+    """On a GPU: inductor + CUDA graphs (mode="reduce-overhead") capture the patched step (no cudagraph skips),
+    step state keeps advancing across replays (the window switches plans), and the result matches eager."""
+    pipe = _pipe("sd15").to("cuda")
+    cgkernels.patch(pipe, **PATCH)
+    steps = 4  # steps 0-1 guided, 2-3 base only: replays of both graphs inside one run
+    eager = _run(pipe, steps)
+    with _fresh_dynamo():
+        pipe.unet = torch.compile(pipe.unet, fullgraph=True, mode="reduce-overhead")
+        for _ in range(3):  # warm-up and recording runs, then replays
+            compiled = _run(pipe, steps)
+        assert _graph_breaks() == 0
+        assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+        scale = eager.abs().max().item()
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4 * scale)
+        cgkernels.unpatch(pipe)
