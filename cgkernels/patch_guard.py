@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["SUPPORTED_PIPELINES", "SUPPORTED_DTYPES", "supported_pipeline_classes", "check_pipeline",
-           "check_dtype", "calling_pipeline", "AdapterGuard"]
+           "check_dtype", "check_offload", "calling_pipeline", "AdapterGuard"]
 
 # diffusers pipelines whose denoising loop calls the UNet once per step on the CFG batch [uncond, cond], with every
 # batch-dim input (latents, masked-image latents, added conditioning, IP-Adapter image embeds, ControlNet residuals)
@@ -71,6 +71,25 @@ def check_dtype(unet) -> None:
         names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
         raise ValueError(f"pipe.unet is {str(dtype).replace('torch.', '')}; cgkernels.patch supports {names} "
                          "pipelines (cast it, e.g. pipe.to(torch.float32), before patching)")
+
+
+def check_offload(module, attr: str = "unet") -> None:
+    """Refuse accelerate hooks that move weights per submodule (enable_sequential_cpu_offload, a device_map): the
+    segmented layers read the base and adapter weights directly, outside those submodules' forwards, where such a
+    hook leaves them offloaded (on the meta device). Whole-model offload (enable_model_cpu_offload) is supported."""
+    hook = module.__dict__.get("_hf_hook")
+    if hook is None:
+        return
+    from accelerate.hooks import AlignDevicesHook, SequentialHook
+
+    hooks = hook.hooks if isinstance(hook, SequentialHook) else (hook,)
+    if any(isinstance(h, AlignDevicesHook) for h in hooks):
+        raise ValueError(
+            f"pipe.{attr} is under accelerate's per-layer device hooks (enable_sequential_cpu_offload or a "
+            "device_map), which cgkernels.patch does not support: the fused layers read weights that those hooks "
+            "keep offloaded. Use pipe.enable_model_cpu_offload() instead (before or after patching), or remove the "
+            "hooks (pipe.remove_all_hooks())"
+        )
 
 
 def calling_pipeline():

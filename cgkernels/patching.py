@@ -42,6 +42,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import types
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -57,7 +58,14 @@ from cgkernels.lora_layers import (
     unwrap_model,
 )
 from cgkernels.ops import guidance_merge
-from cgkernels.patch_guard import AdapterGuard, calling_pipeline, check_dtype, check_pipeline, guidance_pipeline
+from cgkernels.patch_guard import (
+    AdapterGuard,
+    calling_pipeline,
+    check_dtype,
+    check_offload,
+    check_pipeline,
+    guidance_pipeline,
+)
 
 __all__ = ["patch", "unpatch", "is_patched"]
 
@@ -109,8 +117,7 @@ class _PatchState:
     handle: object  # SegmentedLoraHandle or None when the mode needs no adapter
     router: SegmentRouter
     user_mix: str | None
-    had_instance_forward: bool
-    previous_forward: object
+    own_forward: object  # the instance-level forward the patch displaced (None: the class's forward), to restore
     original_forward: object
     signature: inspect.Signature
     guard: AdapterGuard
@@ -151,10 +158,13 @@ def patch(
     config.validate()
     denoiser = _denoiser_of(pipe)
     module = unwrap_model(getattr(pipe, denoiser.attr))  # the original module under a torch.compile wrapper
-    if getattr(module.__dict__.get("forward"), "_cgkernels_patched", False):
+    if any(getattr(module.__dict__.get(slot), "_cgkernels_patched", False) for slot in ("forward", _HOOKED_SLOT)):
         raise ValueError(f"pipe.{denoiser.attr} is already patched (shared with another pipeline?); unpatch that one "
                          "first")
-    original_forward = module.forward
+    check_offload(module, denoiser.attr)
+    slot = _forward_slot(module)
+    # The module's own forward: under accelerate's offload hook that is the one the hook calls, not the hook.
+    original_forward = module.__dict__[slot] if slot == _HOOKED_SLOT else module.forward
     signature = inspect.signature(original_forward)
     if denoiser.sample_arg not in signature.parameters:
         raise ValueError(
@@ -184,14 +194,13 @@ def patch(
         handle=handle,
         router=handle.router if handle is not None else SegmentRouter(),
         user_mix=user_mix,
-        had_instance_forward="forward" in module.__dict__,
-        previous_forward=module.__dict__.get("forward"),
+        own_forward=module.__dict__.get(slot),
         original_forward=original_forward,
         signature=signature,
         guard=AdapterGuard(module, lora_layers(module), watch_user_settings=config.mode == "cfg"),
     )
     state.patched_forward = _host_forward(pipe, state)
-    module.forward = state.patched_forward
+    setattr(module, slot, state.patched_forward)
     setattr(pipe, _STATE_ATTR, state)
     return pipe
 
@@ -205,19 +214,35 @@ def unpatch(pipe):
     if state is None:
         raise ValueError("this pipeline is not patched")
     module = state.module
-    if module.__dict__.get("forward") is not state.patched_forward:
+    slot = next((name for name in ("forward", _HOOKED_SLOT) if module.__dict__.get(name) is state.patched_forward),
+                None)
+    if slot is None:
         raise ValueError(
             f"pipe.{state.denoiser.attr}.forward was replaced after cgkernels.patch; restore the patched forward "
             "(or reload the pipeline) before unpatching"
         )
-    if state.had_instance_forward:
-        module.forward = state.previous_forward
-    else:
+    if state.own_forward is not None:
+        setattr(module, slot, state.own_forward)
+    elif slot == "forward":
         del module.__dict__["forward"]
+    else:  # patched before accelerate hooked the module: the hook is to call the class's forward from now on
+        setattr(module, slot, types.MethodType(type(module).forward, module))
     if state.handle is not None:
         state.handle.detach()
     delattr(pipe, _STATE_ATTR)
     return pipe
+
+
+# accelerate's hooks (diffusers' enable_model_cpu_offload) keep the module's own forward in `_old_forward` and install
+# a wrapper as `forward` that calls it. diffusers removes and re-adds those hooks after every pipeline call
+# (maybe_free_model_hooks): removal writes `_old_forward` back into `forward`, re-adding saves `forward` again. So
+# the patch lives where the module's own forward lives, `_old_forward` under a hook: it then survives those cycles
+# in either order of patch and offload, and unpatch restores it in whichever slot it is found.
+_HOOKED_SLOT = "_old_forward"
+
+
+def _forward_slot(module) -> str:
+    return _HOOKED_SLOT if "_hf_hook" in module.__dict__ and _HOOKED_SLOT in module.__dict__ else "forward"
 
 
 def _user_active_adapters(unet) -> list[str]:
@@ -282,6 +307,7 @@ def _finish_call(denoiser: Denoiser, eps: torch.Tensor, return_dict: bool):
 def _prepare_call(pipe, state: _PatchState, args, kwargs) -> tuple[dict, _StepPlan, bool]:
     """Host bookkeeping of one UNet call: refuse adapters changed since patch time, find the pipeline whose guidance
     settings apply (`pipe` or another pipeline sharing the UNet), bind the inputs, count the step, choose the plan."""
+    check_offload(state.module, state.denoiser.attr)
     caller = calling_pipeline()
     state.guard.check(caller)
     pipe = guidance_pipeline(pipe, caller)
