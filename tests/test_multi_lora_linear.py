@@ -145,15 +145,15 @@ def test_all_base_only_and_zero_rows(device, backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_half_rank_64(device, dtype):
-    tensors = make_inputs(M_SMALL, 40, 48, ranks=[64, 17, 1], dtype=dtype, device=device, seed=5)
+def test_triton_half_rank_64(triton_device, dtype):
+    tensors = make_inputs(M_SMALL, 40, 48, ranks=[64, 17, 1], dtype=dtype, device=triton_device, seed=5)
     y = multi_lora_linear(*tensors, **LAYOUT, backend="triton")
     assert_close_rel(y, reference_of(tensors, **LAYOUT), TOLERANCE[dtype])
 
 
-def test_triton_small_tiles_and_grouped_order(device):
+def test_triton_small_tiles_and_grouped_order(triton_device):
     # 16-row tiles: segments straddle many tiles; several column blocks exercise the grouped program order.
-    tensors = make_inputs(M_SMALL, 47, 33, ranks=[3, 6, 6], dtype=torch.float32, device=device)
+    tensors = make_inputs(M_SMALL, 47, 33, ranks=[3, 6, 6], dtype=torch.float32, device=triton_device)
     with mll.force_kernel_config(mll.KernelConfig(16, 16, 16, group_m=3, num_warps=4, num_stages=2)):
         y = multi_lora_linear(*tensors, **LAYOUT, backend="triton")
     assert_close_rel(y, reference_of(tensors, **LAYOUT), TOLERANCE[torch.float32])
@@ -297,8 +297,8 @@ def test_fuzz_torch_backend(device, problem):
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(problem=problems(max_rows=60, max_features=40, max_rank=17))
-def test_fuzz_triton_backend(device, problem):
-    _check_problem(problem, "triton", device)
+def test_fuzz_triton_backend(triton_device, problem):
+    _check_problem(problem, "triton", triton_device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -406,7 +406,8 @@ def test_cuda_auto_backend_autotunes_and_caches_schedule(dtype):
     assert len(mll._tile_cache) == cache_size, "a repeated routing must not build a new tile schedule"
 
 
-def test_strided_bias_matches_reference_on_both_backends():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_bias_matches_reference_on_both_backends(device, backend):
     torch.manual_seed(7)
     m, k, n, r = 37, 24, 20, 4
     x, weight = torch.randn(m, k), torch.randn(n, k)
@@ -416,6 +417,7 @@ def test_strided_bias_matches_reference_on_both_backends():
     expected = multi_lora_linear_reference(
         x.double(), weight.double(), bias.double(), lora_a.double(), lora_b.double(), indptr, adapters
     )
-    for backend in ("torch", "triton"):
-        out = multi_lora_linear(x, weight, bias, lora_a, lora_b, indptr, adapters, backend=backend)
-        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    x, weight, lora_a, lora_b = (t.to(device) for t in (x, weight, lora_a, lora_b))
+    out = multi_lora_linear(x, weight, bias.to(device), lora_a, lora_b, indptr, adapters, backend=backend)
+    assert not bias.to(device).is_contiguous()
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5, atol=1e-5)
