@@ -43,11 +43,8 @@ def device(request):
     callspec = getattr(request.node, "callspec", None)
     backend = callspec.params.get("backend") if callspec is not None else None
     if backend == "triton" and not triton_runs_on(request.param):
-        pytest.skip(
-            f"Triton on {request.param} tensors needs "
-            + ("TRITON_INTERPRET=1 (no CUDA here)" if request.param == "cpu" else "the compiler (TRITON_INTERPRET is set)")
-            + "; this machine runs the same check on the device Triton uses"
-        )
+        needs = "TRITON_INTERPRET=1 (set only without CUDA)" if request.param == "cpu" else "TRITON_INTERPRET unset"
+        pytest.skip(f"Triton on {request.param} tensors needs {needs}; the same check runs on the device Triton uses")
     return torch.device(request.param)
 
 
