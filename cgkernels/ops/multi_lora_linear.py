@@ -6,11 +6,15 @@ Segment metadata (row offsets, adapter index, scale) lives on the host: it is va
 small cached tile schedule, so repeated calls with the same routing (every UNet step) neither sync nor copy.
 
 Backends
-- triton: one kernel per call. Each program owns a (row tile, column block) pair whose rows all belong to one
-  segment, so a tile has exactly one adapter. In the same K loop over the same x tile it accumulates x W^T and the
-  LoRA shrink x A_a^T; the epilogue adds the scaled expand (.) B_a^T and the bias. One pass over x and W, no
-  [M, N] intermediate. The x-gradient has the same structure (W^T, B_a^T, A_a^T as strided views) and reuses it.
-- torch: base matmul once over all rows, then per segment an in-place `addmm_` (LoRA) and bias add on row views.
+- triton (fp16/bf16 on CUDA by default): each program owns a (row tile, column block) pair whose rows all belong
+  to one segment, so a tile has exactly one adapter. The LoRA shrink x A_a^T is either accumulated in the base
+  GEMM's K loop over the same x tile ("in-loop": one kernel, but every column block recomputes it) or computed once
+  per row tile by a small pre-pass kernel into an [M, R_pad] buffer ("pre-pass"; always for padded ranks > 64,
+  > 32 in fp32, where the in-loop accumulator would spill). The epilogue adds the scaled expand (.) B_a^T and the bias; no [M, N]
+  intermediate. The autotuner (keyed by layer shape, layout, rank and a bucket of M) times both placements. The
+  x-gradient has the same structure (W^T, B_a^T, A_a^T as strided views) and reuses the kernels.
+- torch (CPU, float64, and fp32 on CUDA where cuBLAS beats an FMA Triton kernel): base matmul once over all rows,
+  then per segment an in-place `addmm_` (LoRA) and bias add on row views.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import math
 import numbers
 import struct
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Union
 
 import torch
@@ -37,6 +41,7 @@ IntSequence = Union[Sequence[int], torch.Tensor]
 FloatSequence = Union[Sequence[float], torch.Tensor]
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_AUTO_TRITON_DTYPES = (torch.float16, torch.bfloat16)  # fp32 on CUDA: cuBLAS + the torch LoRA path
 _TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -186,9 +191,23 @@ def _torch_forward(x2, weight, bias, lora_a, lora_b, plan: SegmentPlan, shrink_o
 # ----------------------------------------------------------------------------------------------------------------
 # Triton backend
 # ----------------------------------------------------------------------------------------------------------------
+SHRINK_MODES = ("in-loop", "pre-pass")
+# The in-loop shrink keeps a [BLOCK_M, R_PAD] fp32 accumulator next to the [BLOCK_M, BLOCK_N] one: beyond these padded
+# ranks some configs spill (checked by tests/test_triton_compile.py), so wider adapters (pos+neg concatenated for
+# NPO reach 128) always take the pre-pass. fp32 (FMA path, operands in registers) has less room.
+MAX_IN_LOOP_RANK = {"half": 64, "fp32": 32}
+
+
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes and launch options of the Triton kernel (block_m also sets the tile schedule's row tiles)."""
+    """Tile sizes, launch options and shrink placement of the Triton kernel (block_m also sets the tile schedule's
+    row tiles).
+
+    shrink: "in-loop" accumulates x A_a^T in the base GEMM's K loop of every (row tile, column block) program, so
+    each column block recomputes it (extra work ~ R_pad / BLOCK_N); "pre-pass" computes it once per row tile in a
+    small kernel that writes scale * x A_a^T as [M, R_pad] (input dtype), read back in the epilogue (an extra read
+    of x). The autotuner times both where both are allowed; which one won is visible in the tuned config.
+    """
 
     block_m: int
     block_n: int
@@ -196,9 +215,16 @@ class KernelConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    shrink: str = "in-loop"
+
+    def __post_init__(self):
+        if self.shrink not in SHRINK_MODES:
+            raise ValueError(f"KernelConfig.shrink must be one of {SHRINK_MODES}, got {self.shrink!r}")
 
 
-# Hopper-sized tiles for fp16/bf16 (wgmma) and smaller ones for exact fp32 (FMA path, no tensor cores).
+# Hopper-sized tiles for fp16/bf16 (wgmma); the autotuner tries each with both shrink placements. fp32 runs on the
+# Triton kernel only when asked for (backend="triton": tests, the interpreter); the automatic choice on CUDA is cuBLAS
+# plus the torch LoRA path, faster than a 255-register FMA kernel.
 KERNEL_CONFIGS = {
     "half": (
         KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
@@ -238,6 +264,30 @@ def _rank_pad(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
+def _dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+def _in_loop_fits(rank: int, dtype: torch.dtype) -> bool:
+    return _rank_pad(rank) <= MAX_IN_LOOP_RANK[_dtype_class(dtype)]
+
+
+def _shrink_mode(config: KernelConfig, rank: int, dtype: torch.dtype) -> str:
+    """The config's shrink placement, or the pre-pass where the in-loop accumulator would not fit."""
+    return config.shrink if _in_loop_fits(rank, dtype) else "pre-pass"
+
+
+def _candidate_configs(dtype: torch.dtype, rank: int) -> list:
+    """What the autotuner times: every tile config with every shrink placement allowed at this rank."""
+    modes = SHRINK_MODES if _in_loop_fits(rank, dtype) else ("pre-pass",)
+    return [replace(config, shrink=mode) for config in KERNEL_CONFIGS[_dtype_class(dtype)] for mode in modes]
+
+
+def _rows_bucket(num_rows: int) -> int:
+    """Power-of-two bucket of M for the autotune key: the best tile for 462 text rows is not the one for 24576."""
+    return 1 << max(4, (num_rows - 1).bit_length())
+
+
 def _tile_schedule(plan: SegmentPlan, block_m: int, device: torch.device):
     """Device int32 [T, 4] rows (row_start, row_end, adapter, scale as float32 bits); cached per routing."""
     key = (plan, block_m, device)
@@ -263,13 +313,85 @@ def _tile_schedule(plan: SegmentPlan, block_m: int, device: torch.device):
 if triton is not None:
 
     @triton.jit
+    def _load_tile(tile_ptr, tile):
+        row_start = tl.load(tile_ptr + tile * 4)
+        row_end = tl.load(tile_ptr + tile * 4 + 1)
+        adapter = tl.load(tile_ptr + tile * 4 + 2)
+        scale = tl.load(tile_ptr + tile * 4 + 3).to(tl.float32, bitcast=True)
+        return row_start, row_end, adapter, scale
+
+    @triton.jit
+    def _base_gemm(acc, x_ptrs, w_ptrs, row_mask, col_mask, offs_k, K, stride_xk, stride_wk,
+                   INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_BF16: tl.constexpr):
+        """acc += x W^T over all of K for one (row tile, column block)."""
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_mask = offs_k < K - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            if UPCAST_BF16:
+                x, w = x.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+        return acc
+
+    @triton.jit
+    def _expand(acc, shrink, b_ptr, adapter, offs_r, offs_n, rank_mask, col_mask, stride_ba, stride_bn, stride_br,
+                INPUT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr):
+        """acc += shrink B_a^T for one column block (shrink: the scaled [BLOCK_M, R_PAD] x A_a^T, input dtype)."""
+        b_ptrs = (b_ptr + adapter.to(tl.int64) * stride_ba + offs_r[:, None] * stride_br
+                  + offs_n.to(tl.int64)[None, :] * stride_bn)
+        b = tl.load(b_ptrs, mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
+        if UPCAST_BF16:
+            shrink, b = shrink.to(tl.float32), b.to(tl.float32)
+        return tl.dot(shrink, b, acc, input_precision=INPUT_PRECISION)
+
+    @triton.jit
+    def _lora_shrink_kernel(
+        x_ptr, a_ptr, s_ptr, tile_ptr,
+        K, R,
+        stride_xm, stride_xk,
+        stride_aa, stride_ar, stride_ak,
+        stride_sm,
+        R_PAD: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        UPCAST_BF16: tl.constexpr,
+    ):
+        # Pre-pass: s[m, :] = scale * x[m] A_a^T (rounded to the input dtype) for the rows of one row tile, once.
+        row_start, row_end, adapter, scale = _load_tile(tile_ptr, tl.program_id(0))
+        if adapter >= 0:
+            offs_m = row_start + tl.arange(0, BLOCK_M)
+            offs_k = tl.arange(0, BLOCK_K)
+            offs_r = tl.arange(0, R_PAD)
+            row_mask = offs_m < row_end
+            rank_mask = offs_r < R
+            x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+            a_base = a_ptr + adapter.to(tl.int64) * stride_aa
+            a_ptrs = a_base + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
+            acc_r = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+            for k in range(0, tl.cdiv(K, BLOCK_K)):
+                k_mask = offs_k < K - k * BLOCK_K
+                x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                a = tl.load(a_ptrs, mask=k_mask[:, None] & rank_mask[None, :], other=0.0)
+                if UPCAST_BF16:
+                    x, a = x.to(tl.float32), a.to(tl.float32)
+                acc_r = tl.dot(x, a, acc_r, input_precision=INPUT_PRECISION)
+                x_ptrs += BLOCK_K * stride_xk
+                a_ptrs += BLOCK_K * stride_ak
+            s_ptrs = s_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + offs_r[None, :]
+            tl.store(s_ptrs, (acc_r * scale).to(s_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+    @triton.jit
     def _multi_lora_linear_kernel(
-        x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, tile_ptr,
+        x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s_ptr, y_ptr, tile_ptr,
         num_tiles, N, K, R,
         stride_xm, stride_xk,
         stride_wn, stride_wk,
         stride_aa, stride_ar, stride_ak,
         stride_ba, stride_bn, stride_br,
+        stride_sm,
         stride_ym, stride_yn,
         HAS_BIAS: tl.constexpr,
         R_PAD: tl.constexpr,
@@ -279,6 +401,7 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
         UPCAST_BF16: tl.constexpr,
+        SHRINK_IN_LOOP: tl.constexpr,
     ):
         # Grouped ordering: GROUP_M consecutive row tiles sweep the column blocks together, so their W blocks
         # stay in L2.
@@ -289,11 +412,7 @@ if triton is not None:
         group_size = tl.minimum(num_tiles - first_tile, GROUP_M)
         tile = first_tile + (pid % pids_per_group) % group_size
         pid_n = (pid % pids_per_group) // group_size
-
-        row_start = tl.load(tile_ptr + tile * 4)
-        row_end = tl.load(tile_ptr + tile * 4 + 1)
-        adapter = tl.load(tile_ptr + tile * 4 + 2)
-        scale = tl.load(tile_ptr + tile * 4 + 3).to(tl.float32, bitcast=True)
+        row_start, row_end, adapter, scale = _load_tile(tile_ptr, tile)
 
         offs_m = row_start + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -308,40 +427,39 @@ if triton is not None:
         w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-        if adapter >= 0:
-            a_base = a_ptr + adapter.to(tl.int64) * stride_aa
-            a_ptrs = a_base + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
-            acc_r = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-            for k in range(0, tl.cdiv(K, BLOCK_K)):
-                k_mask = offs_k < K - k * BLOCK_K
-                x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-                a = tl.load(a_ptrs, mask=k_mask[:, None] & rank_mask[None, :], other=0.0)
-                if UPCAST_BF16:
-                    x, w, a = x.to(tl.float32), w.to(tl.float32), a.to(tl.float32)
-                acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-                acc_r = tl.dot(x, a, acc_r, input_precision=INPUT_PRECISION)
-                x_ptrs += BLOCK_K * stride_xk
-                w_ptrs += BLOCK_K * stride_wk
-                a_ptrs += BLOCK_K * stride_ak
-            # Expand in the epilogue; the shrink is rounded to the input dtype like an unfused LoRA would be.
-            b_base = b_ptr + adapter.to(tl.int64) * stride_ba
-            b_ptrs = b_base + offs_r[:, None] * stride_br + offs_n.to(tl.int64)[None, :] * stride_bn
-            b = tl.load(b_ptrs, mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
-            shrink = (acc_r * scale).to(b.dtype)
-            if UPCAST_BF16:
-                shrink, b = shrink.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(shrink, b, acc, input_precision=INPUT_PRECISION)
+        if SHRINK_IN_LOOP:
+            if adapter >= 0:
+                # Base GEMM and shrink in the same K loop over the same x tile.
+                a_ptrs = (a_ptr + adapter.to(tl.int64) * stride_aa + offs_r[None, :] * stride_ar
+                          + offs_k[:, None] * stride_ak)
+                acc_r = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+                for k in range(0, tl.cdiv(K, BLOCK_K)):
+                    k_mask = offs_k < K - k * BLOCK_K
+                    x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                    w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+                    a = tl.load(a_ptrs, mask=k_mask[:, None] & rank_mask[None, :], other=0.0)
+                    if UPCAST_BF16:
+                        x, w, a = x.to(tl.float32), w.to(tl.float32), a.to(tl.float32)
+                    acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+                    acc_r = tl.dot(x, a, acc_r, input_precision=INPUT_PRECISION)
+                    x_ptrs += BLOCK_K * stride_xk
+                    w_ptrs += BLOCK_K * stride_wk
+                    a_ptrs += BLOCK_K * stride_ak
+                # The shrink is rounded to the input dtype like an unfused LoRA would be (and like the pre-pass).
+                shrink = (acc_r * scale).to(b_ptr.dtype.element_ty)
+                acc = _expand(acc, shrink, b_ptr, adapter, offs_r, offs_n, rank_mask, col_mask, stride_ba, stride_bn,
+                              stride_br, INPUT_PRECISION, UPCAST_BF16)
+            else:
+                acc = _base_gemm(acc, x_ptrs, w_ptrs, row_mask, col_mask, offs_k, K, stride_xk, stride_wk,
+                                 INPUT_PRECISION, BLOCK_K, UPCAST_BF16)
         else:
-            for k in range(0, tl.cdiv(K, BLOCK_K)):
-                k_mask = offs_k < K - k * BLOCK_K
-                x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-                if UPCAST_BF16:
-                    x, w = x.to(tl.float32), w.to(tl.float32)
-                acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-                x_ptrs += BLOCK_K * stride_xk
-                w_ptrs += BLOCK_K * stride_wk
+            acc = _base_gemm(acc, x_ptrs, w_ptrs, row_mask, col_mask, offs_k, K, stride_xk, stride_wk,
+                             INPUT_PRECISION, BLOCK_K, UPCAST_BF16)
+            if adapter >= 0:  # the pre-pass left scale * x A_a^T for these rows in s
+                s_ptrs = s_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + offs_r[None, :]
+                shrink = tl.load(s_ptrs, mask=row_mask[:, None], other=0.0)
+                acc = _expand(acc, shrink, b_ptr, adapter, offs_r, offs_n, rank_mask, col_mask, stride_ba, stride_bn,
+                              stride_br, INPUT_PRECISION, UPCAST_BF16)
 
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=col_mask, other=0.0).to(tl.float32)
@@ -350,8 +468,8 @@ if triton is not None:
 
 
 def _auto_uses_triton(x: torch.Tensor) -> bool:
-    # The interpreter is a test tool, never an automatic choice.
-    return triton is not None and x.is_cuda and x.dtype in _TRITON_DTYPES and not _is_interpreted()
+    # The interpreter is a test tool, never an automatic choice; fp32 goes to cuBLAS + the torch LoRA path.
+    return triton is not None and x.is_cuda and x.dtype in _AUTO_TRITON_DTYPES and not _is_interpreted()
 
 
 def _is_interpreted() -> bool:
@@ -382,45 +500,95 @@ if _is_interpreted() and tuple(int(part) for part in triton.__version__.split(".
     _squeeze_interpreter_loop_bounds()
 
 
-def _kernel_launch_spec(x2, weight, bias, lora_a, lora_b, y, tiles, num_tiles: int, config: KernelConfig):
-    """The kernel's grid, runtime arguments, constexprs and launch options, by name.
+def _kernel_launch_spec(x2, weight, bias, lora_a, lora_b, y, tiles, num_tiles: int, config: KernelConfig,
+                        shrink=None):
+    """The main kernel's grid, runtime arguments, constexprs and launch options, by name.
 
-    Tests reuse it to compile the kernel ahead of time with exactly the arguments a real launch passes.
+    shrink: the pre-pass's [M, R_pad] buffer (pre-pass mode), else None. Tests reuse this to compile the kernel
+    ahead of time with exactly the arguments a real launch passes.
     """
     out_features, in_features = weight.shape
     rank = lora_a.shape[1]
+    in_loop = _shrink_mode(config, rank, x2.dtype) == "in-loop"
+    if not in_loop and shrink is None:
+        raise ValueError("the pre-pass shrink mode needs the shrink buffer")
     grid = (num_tiles * triton.cdiv(out_features, config.block_n),)
     args = dict(
-        x_ptr=x2, w_ptr=weight, bias_ptr=bias if bias is not None else y, a_ptr=lora_a, b_ptr=lora_b, y_ptr=y,
+        x_ptr=x2, w_ptr=weight, bias_ptr=bias if bias is not None else y, a_ptr=lora_a, b_ptr=lora_b,
+        s_ptr=shrink if shrink is not None else y, y_ptr=y,
         tile_ptr=tiles, num_tiles=num_tiles, N=out_features, K=in_features, R=rank,
         stride_xm=x2.stride(0), stride_xk=x2.stride(1),
         stride_wn=weight.stride(0), stride_wk=weight.stride(1),
         stride_aa=lora_a.stride(0), stride_ar=lora_a.stride(1), stride_ak=lora_a.stride(2),
         stride_ba=lora_b.stride(0), stride_bn=lora_b.stride(1), stride_br=lora_b.stride(2),
+        stride_sm=shrink.stride(0) if shrink is not None else 0,
         stride_ym=y.stride(0), stride_yn=y.stride(1),
     )
     constexprs = dict(
         HAS_BIAS=bias is not None,
         R_PAD=_rank_pad(rank),
-        INPUT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+        INPUT_PRECISION=_input_precision(x2),
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         GROUP_M=config.group_m,
-        # The interpreter's tl.dot multiplies bf16 bit patterns as integers (triton 3.6-3.9): feed it exact fp32
-        # copies instead. Compiled kernels take bf16 straight to the tensor cores.
-        UPCAST_BF16=x2.dtype == torch.bfloat16 and _is_interpreted(),
+        UPCAST_BF16=_upcast_bf16(x2),
+        SHRINK_IN_LOOP=in_loop,
     )
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     return grid, args, constexprs, options
 
 
+def _shrink_launch_spec(x2, lora_a, shrink, tiles, num_tiles: int, config: KernelConfig):
+    """The pre-pass kernel's grid (one program per row tile), arguments, constexprs and launch options."""
+    rank_pad = _rank_pad(lora_a.shape[1])
+    args = dict(
+        x_ptr=x2, a_ptr=lora_a, s_ptr=shrink, tile_ptr=tiles, K=x2.shape[1], R=lora_a.shape[1],
+        stride_xm=x2.stride(0), stride_xk=x2.stride(1),
+        stride_aa=lora_a.stride(0), stride_ar=lora_a.stride(1), stride_ak=lora_a.stride(2),
+        stride_sm=shrink.stride(0),
+    )
+    constexprs = dict(R_PAD=rank_pad, INPUT_PRECISION=_input_precision(x2), BLOCK_M=config.block_m,
+                      BLOCK_K=config.block_k, UPCAST_BF16=_upcast_bf16(x2))
+    # A [BLOCK_M, R_PAD] fp32 accumulator: 8 warps keep 128 x 128 at 64 registers a thread.
+    options = dict(num_warps=8 if config.block_m * rank_pad >= 128 * 128 else 4, num_stages=min(config.num_stages, 3))
+    return (num_tiles,), args, constexprs, options
+
+
+def _input_precision(x2) -> str:
+    # fp32 must stay exact (no tf32 rounding); halves take the tensor cores either way.
+    return "ieee" if x2.dtype == torch.float32 else "tf32"
+
+
+def _upcast_bf16(x2) -> bool:
+    # The interpreter's tl.dot multiplies bf16 bit patterns as integers (triton 3.6-3.9): feed it exact fp32
+    # copies instead. Compiled kernels take bf16 straight to the tensor cores.
+    return x2.dtype == torch.bfloat16 and _is_interpreted()
+
+
 def _launch(x2, weight, bias, lora_a, lora_b, plan: SegmentPlan, y, config: KernelConfig):
+    """Runs the kernel(s) for one call; returns the pre-pass's scaled shrink buffer (pre-pass mode) or None."""
     tiles, num_tiles = _tile_schedule(plan, config.block_m, x2.device)
     if num_tiles == 0:
-        return
-    grid, args, constexprs, options = _kernel_launch_spec(x2, weight, bias, lora_a, lora_b, y, tiles, num_tiles, config)
+        return None
+    shrink = None
+    if _shrink_mode(config, lora_a.shape[1], x2.dtype) == "pre-pass":
+        # Rows of base-only tiles are neither written nor read.
+        shrink = torch.empty((x2.shape[0], _rank_pad(lora_a.shape[1])), dtype=x2.dtype, device=x2.device)
+        grid, args, constexprs, options = _shrink_launch_spec(x2, lora_a, shrink, tiles, num_tiles, config)
+        _lora_shrink_kernel[grid](*args.values(), **constexprs, **options)
+    grid, args, constexprs, options = _kernel_launch_spec(
+        x2, weight, bias, lora_a, lora_b, y, tiles, num_tiles, config, shrink=shrink
+    )
     _multi_lora_linear_kernel[grid](*args.values(), **constexprs, **options)
+    return shrink
+
+
+def _autotune_key(x2, weight, bias, lora_a) -> tuple:
+    # The layout is part of the key (the x-gradient runs this kernel on transposed, strided views), and so is a
+    # bucket of M: the best tile for 462 text rows is not the one for 24576 image rows.
+    return (_rows_bucket(x2.shape[0]), weight.shape[0], weight.shape[1], weight.stride(), _rank_pad(lora_a.shape[1]),
+            x2.dtype, bias is not None, x2.device)
 
 
 def _pick_config(x2, weight, bias, lora_a, lora_b, plan, y) -> KernelConfig:
@@ -428,13 +596,11 @@ def _pick_config(x2, weight, bias, lora_a, lora_b, plan, y) -> KernelConfig:
         return _forced_config
     if _is_interpreted():
         return INTERPRETER_CONFIG
-    # The layout is part of the key: the x-gradient runs this kernel on transposed (strided) views.
-    key = (weight.shape[0], weight.shape[1], weight.stride(), _rank_pad(lora_a.shape[1]), x2.dtype, bias is not None,
-           x2.device)
+    key = _autotune_key(x2, weight, bias, lora_a)
     best = _best_config_cache.get(key)
     if best is None:
         # Time each candidate on the real call (the output is overwritten, so the timing runs are harmless).
-        candidates = KERNEL_CONFIGS["fp32" if x2.dtype == torch.float32 else "half"]
+        candidates = _candidate_configs(x2.dtype, lora_a.shape[1])
         timings = []
         for config in candidates:
             try:
