@@ -421,3 +421,61 @@ def test_strided_bias_matches_reference_on_both_backends(device, backend):
     out = multi_lora_linear(x, weight, bias.to(device), lora_a, lora_b, indptr, adapters, backend=backend)
     assert not bias.to(device).is_contiguous()
     torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shrink placement (in-loop / pre-pass), autotune key, automatic backend choice
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shrink", mll.SHRINK_MODES)
+@pytest.mark.parametrize("dtype,rank", [(torch.float32, 5), (torch.float16, 128), (torch.bfloat16, 100)])
+def test_shrink_placements_match_reference(triton_device, shrink, dtype, rank):
+    # 16-row tiles: segments straddle tiles, one is empty, one adapter serves two segments with different scales.
+    tensors = make_inputs(M_SMALL, 33, 45, ranks=[rank, 3, rank - 1], dtype=dtype, device=triton_device, seed=rank)
+    with mll.force_kernel_config(mll.KernelConfig(16, 16, 16, group_m=3, shrink=shrink)):
+        y = multi_lora_linear(*tensors, **LAYOUT, backend="triton")
+    assert_close_rel(y, reference_of(tensors, **LAYOUT), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("shrink", mll.SHRINK_MODES)
+def test_shrink_placements_gradients(triton_device, shrink):
+    tensors = make_inputs(M_SMALL, 33, 45, ranks=[5, 8, 3], dtype=torch.float16, device=triton_device, seed=9)
+    leaves = [t.clone().requires_grad_(flag) for t, flag in zip(tensors, [True, False, False, True, True])]
+    grad_y = torch.randn(M_SMALL, 33, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with mll.force_kernel_config(mll.KernelConfig(16, 16, 16, group_m=3, shrink=shrink)):
+        multi_lora_linear(*leaves, **LAYOUT, backend="triton").backward(grad_y.to(torch.float16).to(triton_device))
+    ref_leaves = [t.detach().cpu().double().requires_grad_(leaf.requires_grad) for t, leaf in zip(tensors, leaves)]
+    multi_lora_linear_reference(*ref_leaves, **LAYOUT).backward(grad_y)
+    for name, leaf, ref in zip(["x", "weight", "bias", "lora_a", "lora_b"], leaves, ref_leaves):
+        if ref.requires_grad:
+            assert_close_rel(leaf.grad, ref.grad, GRAD_TOLERANCE[torch.float16], what=f"grad {name}")
+
+
+def test_wide_ranks_always_take_the_pre_pass():
+    in_loop = mll.KernelConfig(64, 64, 32)
+    assert mll._shrink_mode(in_loop, 64, torch.float16) == "in-loop"
+    assert mll._shrink_mode(in_loop, 65, torch.float16) == "pre-pass"  # padded to 128
+    assert mll._shrink_mode(in_loop, 33, torch.float32) == "pre-pass"
+    modes = {c.shrink for c in mll._candidate_configs(torch.bfloat16, 128)}
+    assert modes == {"pre-pass"}
+    assert {c.shrink for c in mll._candidate_configs(torch.float16, 8)} == set(mll.SHRINK_MODES)
+    with pytest.raises(ValueError, match="shrink must be"):
+        mll.KernelConfig(64, 64, 32, shrink="fused")
+
+
+def test_autotune_key_separates_row_counts_but_not_within_a_bucket():
+    weight, lora_a = torch.empty(320, 768), torch.empty(2, 8, 768)
+
+    def key(rows):
+        return mll._autotune_key(torch.empty(rows, 768), weight, None, lora_a)
+
+    assert key(462) != key(24576)  # text rows vs image rows of one layer shape
+    assert key(400) == key(462)
+    assert key(1) == key(16)
+
+
+def test_auto_backend_routes_fp32_cuda_to_torch(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(mll, "_is_interpreted", lambda: False)
+    for dtype, expected in ((torch.float16, True), (torch.bfloat16, True), (torch.float32, False)):
+        assert mll._auto_uses_triton(SimpleNamespace(is_cuda=True, dtype=dtype)) is expected
