@@ -479,3 +479,30 @@ def test_auto_backend_routes_fp32_cuda_to_torch(monkeypatch):
     monkeypatch.setattr(mll, "_is_interpreted", lambda: False)
     for dtype, expected in ((torch.float16, True), (torch.bfloat16, True), (torch.float32, False)):
         assert mll._auto_uses_triton(SimpleNamespace(is_cuda=True, dtype=dtype)) is expected
+
+
+GUIDANCE_LAYOUTS = {
+    # [uncond, cond] x [base, +pos, +neg] branches of equal length: each adapter's runs become one batched product.
+    "regular": dict(seg_indptr=[0, 11, 22, 33, 44, 55, 66], seg_adapter=[-1, 0, 1, -1, 0, 1], seg_scale=[1.5] * 6),
+    # The same with per-branch scales: per-run fallback for the adapters whose scales differ.
+    "scales-differ": dict(seg_indptr=[0, 11, 22, 33, 44, 55, 66], seg_adapter=[-1, 0, 1, -1, 0, 1],
+                          seg_scale=[1.0, 0.5, -2.0, 1.0, 0.5, 1.25]),
+}
+
+
+@pytest.mark.parametrize("layout", list(GUIDANCE_LAYOUTS))
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("torch", torch.float32), ("triton", torch.float16)])
+def test_gradients_of_guidance_layouts(device, backend, dtype, layout):
+    layout = GUIDANCE_LAYOUTS[layout]
+    plan = mll._validate_segments(layout["seg_indptr"], layout["seg_adapter"], layout["seg_scale"], 66, 2)
+    groups = {group.adapter: group.batched for group in mll._adapter_rows(plan)}
+    assert groups == {0: True, 1: layout["seg_scale"][2] == layout["seg_scale"][5]}
+    tensors = make_inputs(66, 29, 37, ranks=[6, 4], dtype=dtype, device=device, seed=13)
+    leaves = [t.clone().requires_grad_(flag) for t, flag in zip(tensors, [True, False, False, True, True])]
+    grad_y = torch.randn(66, 29, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    multi_lora_linear(*leaves, **layout, backend=backend).backward(grad_y.to(dtype).to(device))
+    ref_leaves = [t.detach().cpu().double().requires_grad_(leaf.requires_grad) for t, leaf in zip(tensors, leaves)]
+    multi_lora_linear_reference(*ref_leaves, **layout).backward(grad_y)
+    for name, leaf, ref in zip(["x", "weight", "bias", "lora_a", "lora_b"], leaves, ref_leaves):
+        if ref.requires_grad:
+            assert_close_rel(leaf.grad, ref.grad, GRAD_TOLERANCE[dtype], what=f"grad {name}")

@@ -615,15 +615,19 @@ def _pick_config(x2, weight, bias, lora_a, lora_b, plan, y) -> KernelConfig:
     return best
 
 
-def _triton_forward(x2, weight, bias, lora_a, lora_b, plan: SegmentPlan):
+def _triton_forward(x2, weight, bias, lora_a, lora_b, plan: SegmentPlan, keep_shrink: bool = False):
+    """y, or (y, shrink) with keep_shrink: the pre-pass's [M, R_pad] scale * x A_a^T (None without LoRA rows),
+    kept for the lora_b gradient; the tuned tile config then runs with the pre-pass."""
     if bias is not None:
         bias = bias.contiguous()  # the kernel reads bias[n] at bias_ptr + n
     y = torch.empty((x2.shape[0], weight.shape[0]), dtype=x2.dtype, device=x2.device)
-    if x2.shape[0] == 0:
-        return y
-    config = _pick_config(x2, weight, bias, lora_a, lora_b, plan, y)
-    _launch(x2, weight, bias, lora_a, lora_b, plan, y, config)
-    return y
+    shrink = None
+    if x2.shape[0] > 0:
+        config = _pick_config(x2, weight, bias, lora_a, lora_b, plan, y)
+        if keep_shrink:
+            config = replace(config, shrink="pre-pass")
+        shrink = _launch(x2, weight, bias, lora_a, lora_b, plan, y, config)
+    return (y, shrink) if keep_shrink else y
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -632,38 +636,82 @@ def _triton_forward(x2, weight, bias, lora_a, lora_b, plan: SegmentPlan):
 _FORWARDS = {"torch": _torch_forward, "triton": _triton_forward}
 
 
-def _accumulate_product(acc, mat1, mat2, scale: float):
-    """acc += scale * mat1 @ mat2, in place (half inputs: product in the input dtype, summed into fp32 acc)."""
-    if acc.dtype == mat1.dtype:
-        acc.addmm_(mat1, mat2, alpha=scale)
-    else:
-        acc.add_(mat1 @ mat2, alpha=scale)
+@dataclass(frozen=True)
+class _AdapterRows:
+    """The rows one adapter serves: n runs of m rows each, `step` rows apart, one scale (a batched strided view), or
+    irregular runs (listed one by one)."""
+
+    adapter: int
+    runs: tuple  # (start, end, scale) per run
+    batched: bool
+
+    @property
+    def shape(self):
+        start, end, _ = self.runs[0]
+        step = self.runs[1][0] - start if len(self.runs) > 1 else end - start
+        return len(self.runs), end - start, step
 
 
-def _lora_grads(x2, grad_y, lora_a, lora_b, plan: SegmentPlan, need_a: bool, need_b: bool, shrink=None, grad_x=None):
-    """dA_a = sum_s scale_s (dy_s B_a)^T x_s and dB_a = sum_s scale_s dy_s^T (x_s A_a^T), per segment.
+def _adapter_rows(plan: SegmentPlan) -> list:
+    """Runs grouped by adapter. Guidance layouts (branches of equal length, e.g. [b, +pos, +neg] x [uncond, cond])
+    give each adapter equally long, equally spaced runs at one scale: those become one batched product."""
+    groups: dict = {}
+    for start, end, adapter, scale in plan.runs():
+        if adapter >= 0:
+            groups.setdefault(adapter, []).append((start, end, scale))
+    rows = []
+    for adapter, runs in groups.items():
+        lengths = {end - start for start, end, _ in runs}
+        steps = {runs[i + 1][0] - runs[i][0] for i in range(len(runs) - 1)}
+        scales = {scale for _, _, scale in runs}
+        rows.append(_AdapterRows(adapter, tuple(runs), len(lengths) == 1 and len(steps) <= 1 and len(scales) == 1))
+    return rows
 
-    shrink: the forward's [M, R] x A_a^T rows, else recomputed here. grad_x: if given, each segment's LoRA part of
-    dx, scale_s (dy_s B_a) A_a, is added to it in place, sharing dy_s B_a with dA_a (the torch backend).
+
+def _row_view(tensor, group: _AdapterRows):
+    """[n, m, C] strided view of the group's rows of a row-major-strided [M, C] tensor (no copy)."""
+    n, m, step = group.shape
+    row_stride, col_stride = tensor.stride()
+    offset = tensor.storage_offset() + group.runs[0][0] * row_stride
+    return tensor.as_strided((n, m, tensor.shape[1]), (step * row_stride, row_stride, col_stride), offset)
+
+
+def _lora_grads(x2, grad_y, lora_a, lora_b, plan: SegmentPlan, need_a: bool, need_b: bool, shrink=None,
+                shrink_scaled: bool = False, grad_x=None):
+    """dA_a = sum_s scale_s (dy_s B_a)^T x_s and dB_a = sum_s scale_s dy_s^T (x_s A_a^T), one batched product per
+    adapter where its runs are regular (see _adapter_rows), else per run.
+
+    shrink: the forward's x A_a^T rows ([M, >= R]; already multiplied by the scale if shrink_scaled: the Triton
+    pre-pass), else recomputed here. grad_x: if given, each run's LoRA part of dx, scale_s (dy_s B_a) A_a, is added
+    to it in place, sharing dy_s B_a with dA_a (the torch backend).
     """
-    # Matmuls run in the input dtype (fp32 accumulation inside); the per-segment partials of an adapter that
-    # serves several segments are summed in an fp32 buffer for half inputs.
+    # Matmuls run in the input dtype (fp32 accumulation inside); the partials of an adapter that serves several
+    # runs are summed in an fp32 buffer for half inputs.
     acc_dtype = torch.float32 if lora_a.dtype in (torch.float16, torch.bfloat16) else lora_a.dtype
     grad_a = torch.zeros(lora_a.shape, dtype=acc_dtype, device=lora_a.device) if need_a else None
     grad_b = torch.zeros(lora_b.shape, dtype=acc_dtype, device=lora_b.device) if need_b else None
-    for start, end, adapter, scale in plan.runs():
-        if adapter < 0:
-            continue
-        x_s, dy_s = x2[start:end], grad_y[start:end]
-        if need_a or grad_x is not None:
-            expand_grad = dy_s @ lora_b[adapter]  # [m, R]
-            if grad_x is not None:
-                grad_x[start:end].addmm_(expand_grad, lora_a[adapter], alpha=scale)
-            if need_a:
-                _accumulate_product(grad_a[adapter], expand_grad.t(), x_s, scale)
-        if need_b:
-            shrink_s = x_s @ lora_a[adapter].t() if shrink is None else shrink[start:end]  # [m, R]
-            _accumulate_product(grad_b[adapter], dy_s.t(), shrink_s, scale)
+    rank = lora_a.shape[1]
+    for group in _adapter_rows(plan):
+        a = group.adapter
+        runs = [group] if group.batched else [
+            _AdapterRows(a, (run,), True) for run in group.runs  # one run: a batch of one
+        ]
+        for batch in runs:
+            scale = batch.runs[0][2]
+            x_b, dy_b = _row_view(x2, batch), _row_view(grad_y, batch)  # [n, m, K], [n, m, N]
+            if need_a or grad_x is not None:
+                expand_grad = dy_b @ lora_b[a]  # [n, m, R]
+                if grad_x is not None:
+                    _row_view(grad_x, batch).baddbmm_(expand_grad, lora_a[a].expand(len(batch.runs), -1, -1),
+                                                      alpha=scale)
+                if need_a:
+                    grad_a[a].add_((expand_grad.transpose(1, 2) @ x_b).sum(0, dtype=acc_dtype), alpha=scale)
+            if need_b:
+                if shrink is None:
+                    shrink_b, factor = x_b @ lora_a[a].t(), scale
+                else:
+                    shrink_b, factor = _row_view(shrink, batch)[:, :, :rank], 1.0 if shrink_scaled else scale
+                grad_b[a].add_((dy_b.transpose(1, 2) @ shrink_b).sum(0, dtype=acc_dtype), alpha=factor)
     return (
         grad_a.to(lora_a.dtype) if need_a else None,
         grad_b.to(lora_b.dtype) if need_b else None,
@@ -679,6 +727,9 @@ class _MultiLoraLinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[4]:
                 shrink = x2.new_empty((x2.shape[0], lora_a.shape[1]))
             y = _torch_forward(x2, weight, bias, lora_a, lora_b, plan, shrink_out=shrink)
+        elif ctx.needs_input_grad[4]:
+            # The pre-pass's scale * x A_a^T ([M, R_pad]) serves dB: no recompute in backward.
+            y, shrink = _triton_forward(x2, weight, bias, lora_a, lora_b, plan, keep_shrink=True)
         else:
             y = _FORWARDS[backend](x2, weight, bias, lora_a, lora_b, plan)
         ctx.save_for_backward(x2, weight, lora_a, lora_b, shrink)
@@ -706,7 +757,8 @@ class _MultiLoraLinearFunction(torch.autograd.Function):
         if need_bias and ctx.has_bias:
             grad_bias = grad_y.sum(0)
         grad_a, grad_b = _lora_grads(
-            x2, grad_y, lora_a, lora_b, ctx.plan, need_a, need_b, shrink=shrink, grad_x=lora_grad_x
+            x2, grad_y, lora_a, lora_b, ctx.plan, need_a, need_b, shrink=shrink,
+            shrink_scaled=ctx.backend == "triton", grad_x=lora_grad_x,
         )
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
 
