@@ -103,11 +103,12 @@ def _compile_variant(dtype_name, config_index, rank, direction, kernel_name, wor
                                                                config)
 
     signature, attrs, constants = {}, {}, dict(constexprs)
+    unspecialized = {kernel.arg_names[i] if isinstance(i, int) else i for i in kernel.do_not_specialize}
     for position, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
             continue
-        arg_type, hint = native_specialize_impl(CUDABackend, args[name], False, True, True)
+        arg_type, hint = native_specialize_impl(CUDABackend, args[name], False, name not in unspecialized, True)
         signature[name] = arg_type
         if arg_type == "constexpr":
             constants[name] = hint

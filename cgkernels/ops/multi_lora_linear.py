@@ -383,7 +383,9 @@ if triton is not None:
             s_ptrs = s_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + offs_r[None, :]
             tl.store(s_ptrs, (acc_r * scale).to(s_ptr.dtype.element_ty), mask=row_mask[:, None])
 
-    @triton.jit
+    # The tile count varies with every routing and layer: no specialization on it (each would be another compile of
+    # every autotune candidate). R keeps its divisibility hint: without it the rank mask costs registers (spills).
+    @triton.jit(do_not_specialize=["num_tiles"])
     def _multi_lora_linear_kernel(
         x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s_ptr, y_ptr, tile_ptr,
         num_tiles, N, K, R,
@@ -604,7 +606,9 @@ def _pick_config(x2, weight, bias, lora_a, lora_b, plan, y) -> KernelConfig:
         timings = []
         for config in candidates:
             try:
-                ms = triton.testing.do_bench(lambda: _launch(x2, weight, bias, lora_a, lora_b, plan, y, config))
+                # Short timing runs: a layer's first call tunes ~10 candidates, and a UNet has ~100 layer shapes.
+                ms = triton.testing.do_bench(lambda: _launch(x2, weight, bias, lora_a, lora_b, plan, y, config),
+                                             warmup=5, rep=25)
             except triton.runtime.errors.OutOfResources:
                 continue
             timings.append((ms, config))
