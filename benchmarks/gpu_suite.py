@@ -57,7 +57,7 @@ class Stage:
 
 STAGES = (
     Stage("env", 30, 60),
-    Stage("kernel-correctness", 110, 60),
+    Stage("kernel-correctness", 150, 60),
     Stage("kernel-bench", 150, 60),
     Stage("extension-correctness", 60, 60, needs_build=True),
     Stage("unet-step", 110, 60, needs_build=True),
