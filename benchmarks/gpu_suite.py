@@ -22,6 +22,11 @@ Order (the first GPU minutes go to what matters most; see STAGES for each stage'
   extras              end-to-end sampling (30 steps) and one joint training step
   cuda-tests          the op test files' CUDA cases through pytest (summary line recorded)
 
+Estimated GPU-machine time (H100/H200, 16 cores; not yet measured): wheels 10 s, env 10 s, build 60-120 s in the
+background, kernel-correctness 100-130 s (first Triton compiles of ~70 kernel variants, ~50 autotuned keys),
+kernel-bench ~60 s, extension-correctness ~20 s, unet-step 60-90 s, merge-bandwidth ~15 s, unet-compiled 20 s (fails
+fast) to 120 s (inductor), extras ~40 s, cuda-tests whatever is left of the 530 s budget.
+
 Every line of results.jsonl carries "stage", "kind" and "meta" (device, versions, commit from CGKERNELS_COMMIT,
 rehearsal flag); the driver adds one "stage-end" line per stage (status ok / failed / timeout / skipped, seconds).
 Rehearsal (CPU, no GPU): every stage at tiny sizes, Triton through its interpreter; the build is checked, failed on
@@ -111,7 +116,7 @@ def _git_head():
 # Driver (parent process): stages in order, each a subprocess with its own timeout
 # ----------------------------------------------------------------------------------------------------------------
 class BackgroundBuild:
-    """The extension build, started after `env` and waited for before the first stage that needs it."""
+    """The extension build, started with the suite and waited for before the first stage that needs it."""
 
     def __init__(self, out: Path, rehearsal: bool):
         self.out, self.rehearsal = out, rehearsal
@@ -160,6 +165,8 @@ class BackgroundBuild:
         loads = _extension_loads() if status == "ok" and not self.rehearsal else None
         self.result = dict(status=status, rc=rc, seconds=round(time.monotonic() - self.started, 1),
                            command=" ".join(self.command), extension_loads=loads)
+        if status != "ok":  # the reason, in the results themselves (build.log has all of it)
+            self.result["log_tail"] = (self.out / BUILD_LOG).read_text(errors="replace")[-3000:]
         if self.scratch is not None:
             self.scratch.cleanup()
         return self.result

@@ -58,6 +58,7 @@ def test_every_stage_ran_and_only_the_failed_build_is_reported(rehearsal):
     assert set(ends) == {stage.name for stage in STAGES} | {"build"}
     assert result.returncode == 1, "a failed build must make the suite's exit status non-zero"
     assert "simulated build failure" in (out / "build.log").read_text()
+    assert "simulated build failure" in ends["build"]["log_tail"]
 
 
 def test_each_stage_recorded_its_results_with_metadata(rehearsal):
