@@ -19,6 +19,7 @@ Backends
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import struct
@@ -656,7 +657,8 @@ class _AdapterRows:
         return len(self.runs), end - start, step
 
 
-def _adapter_rows(plan: SegmentPlan) -> list:
+@functools.lru_cache(maxsize=256)  # once per routing, not per backward call
+def _adapter_rows(plan: SegmentPlan) -> tuple:
     """Runs grouped by adapter. Guidance layouts (branches of equal length, e.g. [b, +pos, +neg] x [uncond, cond])
     give each adapter equally long, equally spaced runs at one scale: those become one batched product."""
     groups: dict = {}
@@ -669,7 +671,7 @@ def _adapter_rows(plan: SegmentPlan) -> list:
         steps = {runs[i + 1][0] - runs[i][0] for i in range(len(runs) - 1)}
         scales = {scale for _, _, scale in runs}
         rows.append(_AdapterRows(adapter, tuple(runs), len(lengths) == 1 and len(steps) <= 1 and len(scales) == 1))
-    return rows
+    return tuple(rows)
 
 
 def _row_view(tensor, group: _AdapterRows):
@@ -697,10 +699,10 @@ def _lora_grads(x2, grad_y, lora_a, lora_b, plan: SegmentPlan, need_a: bool, nee
     rank = lora_a.shape[1]
     for group in _adapter_rows(plan):
         a = group.adapter
-        runs = [group] if group.batched else [
+        batches = [group] if group.batched else [
             _AdapterRows(a, (run,), True) for run in group.runs  # one run: a batch of one
         ]
-        for batch in runs:
+        for batch in batches:
             scale = batch.runs[0][2]
             x_b, dy_b = _row_view(x2, batch), _row_view(grad_y, batch)  # [n, m, K], [n, m, N]
             if need_a or grad_x is not None:
