@@ -1,3 +1,12 @@
+"""Device selection that means the same thing on a CPU machine and on a GPU machine.
+
+- `device`: every op test runs on CPU, and additionally on CUDA where a GPU is present. A test parametrized with
+  `backend` gets its Triton cases only where Triton can run them: CPU tensors under the interpreter (set here on
+  machines without CUDA), CUDA tensors with the compiler. The other combination is skipped with its reason (on a
+  GPU machine the same check runs as the CUDA case), never silently moved to another device.
+- `triton_device`: the one device Triton kernels run on here (CPU under the interpreter, else CUDA).
+- `@pytest.mark.cuda`: skipped where there is no CUDA device.
+"""
 import os
 
 import pytest
@@ -11,6 +20,7 @@ except ImportError:  # pragma: no cover
     _HAS_CUDA = False
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,10 +32,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
 
 
+def triton_runs_on(device_type: str) -> bool:
+    """Whether Triton kernels can run on tensors of this device type in this process."""
+    return device_type == ("cpu" if TRITON_INTERPRETED else "cuda")
+
+
 @pytest.fixture(params=["cpu"] + (["cuda"] if _HAS_CUDA else []))
 def device(request):
-    """Every op test runs on CPU here and additionally on CUDA in a GPU session."""
+    """CPU everywhere, CUDA too where present; Triton cases only on the device Triton runs on here."""
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("backend") if callspec is not None else None
+    if backend == "triton" and not triton_runs_on(request.param):
+        needs = "TRITON_INTERPRET=1 (set only without CUDA)" if request.param == "cpu" else "TRITON_INTERPRET unset"
+        pytest.skip(f"Triton on {request.param} tensors needs {needs}; the same check runs on the device Triton uses")
     return torch.device(request.param)
+
+
+@pytest.fixture
+def triton_device():
+    """The device Triton kernels run on in this process: CPU under the interpreter, else CUDA."""
+    if not TRITON_INTERPRETED and not _HAS_CUDA:  # pragma: no cover (conftest sets the interpreter without CUDA)
+        pytest.skip("Triton needs CUDA or TRITON_INTERPRET=1")
+    return torch.device("cpu" if TRITON_INTERPRETED else "cuda")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cgkernels.ops.guidance_merge import guidance_merge, guidance_merge_reference
@@ -177,7 +177,7 @@ def test_torch_compile_inductor(device):
     torch.testing.assert_close(compiled(preds), guided(preds), rtol=0, atol=0)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     num_preds=st.integers(1, 7),
     shape=st.lists(st.integers(1, 9), min_size=1, max_size=4),
@@ -186,8 +186,7 @@ def test_torch_compile_inductor(device):
     as_list=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_fuzz_shapes(num_preds, shape, dtype, rescale, as_list, seed):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def test_fuzz_shapes(device, num_preds, shape, dtype, rescale, as_list, seed):
     preds = random_preds(num_preds, shape, dtype, device, seed=seed)
     coeffs = random_coeffs(num_preds, seed=seed)
     ref_coeffs = random_coeffs(num_preds, seed=seed + 1)

@@ -145,15 +145,15 @@ def test_all_base_only_and_zero_rows(device, backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_half_rank_64(device, dtype):
-    tensors = make_inputs(M_SMALL, 40, 48, ranks=[64, 17, 1], dtype=dtype, device=device, seed=5)
+def test_triton_half_rank_64(triton_device, dtype):
+    tensors = make_inputs(M_SMALL, 40, 48, ranks=[64, 17, 1], dtype=dtype, device=triton_device, seed=5)
     y = multi_lora_linear(*tensors, **LAYOUT, backend="triton")
     assert_close_rel(y, reference_of(tensors, **LAYOUT), TOLERANCE[dtype])
 
 
-def test_triton_small_tiles_and_grouped_order(device):
+def test_triton_small_tiles_and_grouped_order(triton_device):
     # 16-row tiles: segments straddle many tiles; several column blocks exercise the grouped program order.
-    tensors = make_inputs(M_SMALL, 47, 33, ranks=[3, 6, 6], dtype=torch.float32, device=device)
+    tensors = make_inputs(M_SMALL, 47, 33, ranks=[3, 6, 6], dtype=torch.float32, device=triton_device)
     with mll.force_kernel_config(mll.KernelConfig(16, 16, 16, group_m=3, num_warps=4, num_stages=2)):
         y = multi_lora_linear(*tensors, **LAYOUT, backend="triton")
     assert_close_rel(y, reference_of(tensors, **LAYOUT), TOLERANCE[torch.float32])
@@ -297,8 +297,8 @@ def test_fuzz_torch_backend(device, problem):
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(problem=problems(max_rows=60, max_features=40, max_rank=17))
-def test_fuzz_triton_backend(device, problem):
-    _check_problem(problem, "triton", device)
+def test_fuzz_triton_backend(triton_device, problem):
+    _check_problem(problem, "triton", triton_device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -406,7 +406,8 @@ def test_cuda_auto_backend_autotunes_and_caches_schedule(dtype):
     assert len(mll._tile_cache) == cache_size, "a repeated routing must not build a new tile schedule"
 
 
-def test_strided_bias_matches_reference_on_both_backends():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_bias_matches_reference_on_both_backends(device, backend):
     torch.manual_seed(7)
     m, k, n, r = 37, 24, 20, 4
     x, weight = torch.randn(m, k), torch.randn(n, k)
@@ -416,9 +417,95 @@ def test_strided_bias_matches_reference_on_both_backends():
     expected = multi_lora_linear_reference(
         x.double(), weight.double(), bias.double(), lora_a.double(), lora_b.double(), indptr, adapters
     )
-    for backend in ("torch", "triton"):
-        out = multi_lora_linear(x, weight, bias, lora_a, lora_b, indptr, adapters, backend=backend)
-        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    x, weight, lora_a, lora_b = (t.to(device) for t in (x, weight, lora_a, lora_b))
+    out = multi_lora_linear(x, weight, bias.to(device), lora_a, lora_b, indptr, adapters, backend=backend)
+    assert not bias.to(device).is_contiguous()
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shrink placement (in-loop / pre-pass), autotune key, automatic backend choice
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shrink", mll.SHRINK_MODES)
+@pytest.mark.parametrize("dtype,rank", [(torch.float32, 5), (torch.float16, 128), (torch.bfloat16, 100)])
+def test_shrink_placements_match_reference(triton_device, shrink, dtype, rank):
+    # 16-row tiles: segments straddle tiles, one is empty, one adapter serves two segments with different scales.
+    tensors = make_inputs(M_SMALL, 33, 45, ranks=[rank, 3, rank - 1], dtype=dtype, device=triton_device, seed=rank)
+    with mll.force_kernel_config(mll.KernelConfig(16, 16, 16, group_m=3, shrink=shrink)):
+        y = multi_lora_linear(*tensors, **LAYOUT, backend="triton")
+    assert_close_rel(y, reference_of(tensors, **LAYOUT), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("shrink", mll.SHRINK_MODES)
+def test_shrink_placements_gradients(triton_device, shrink):
+    tensors = make_inputs(M_SMALL, 33, 45, ranks=[5, 8, 3], dtype=torch.float16, device=triton_device, seed=9)
+    leaves = [t.clone().requires_grad_(flag) for t, flag in zip(tensors, [True, False, False, True, True])]
+    grad_y = torch.randn(M_SMALL, 33, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with mll.force_kernel_config(mll.KernelConfig(16, 16, 16, group_m=3, shrink=shrink)):
+        multi_lora_linear(*leaves, **LAYOUT, backend="triton").backward(grad_y.to(torch.float16).to(triton_device))
+    ref_leaves = [t.detach().cpu().double().requires_grad_(leaf.requires_grad) for t, leaf in zip(tensors, leaves)]
+    multi_lora_linear_reference(*ref_leaves, **LAYOUT).backward(grad_y)
+    for name, leaf, ref in zip(["x", "weight", "bias", "lora_a", "lora_b"], leaves, ref_leaves):
+        if ref.requires_grad:
+            assert_close_rel(leaf.grad, ref.grad, GRAD_TOLERANCE[torch.float16], what=f"grad {name}")
+
+
+def test_wide_ranks_always_take_the_pre_pass():
+    in_loop = mll.KernelConfig(64, 64, 32)
+    assert mll._shrink_mode(in_loop, 64, torch.float16) == "in-loop"
+    assert mll._shrink_mode(in_loop, 65, torch.float16) == "pre-pass"  # padded to 128
+    assert mll._shrink_mode(in_loop, 33, torch.float32) == "pre-pass"
+    modes = {c.shrink for c in mll._candidate_configs(torch.bfloat16, 128)}
+    assert modes == {"pre-pass"}
+    assert {c.shrink for c in mll._candidate_configs(torch.float16, 8)} == set(mll.SHRINK_MODES)
+    with pytest.raises(ValueError, match="shrink must be"):
+        mll.KernelConfig(64, 64, 32, shrink="fused")
+
+
+def test_autotune_key_separates_row_counts_but_not_within_a_bucket():
+    weight, lora_a = torch.empty(320, 768), torch.empty(2, 8, 768)
+
+    def key(rows):
+        return mll._autotune_key(torch.empty(rows, 768), weight, None, lora_a)
+
+    assert key(462) != key(24576)  # text rows vs image rows of one layer shape
+    assert key(400) == key(462)
+    assert key(1) == key(16)
+
+
+def test_auto_backend_routes_fp32_cuda_to_torch(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(mll, "_is_interpreted", lambda: False)
+    for dtype, expected in ((torch.float16, True), (torch.bfloat16, True), (torch.float32, False)):
+        assert mll._auto_uses_triton(SimpleNamespace(is_cuda=True, dtype=dtype)) is expected
+
+
+GUIDANCE_LAYOUTS = {
+    # [uncond, cond] x [base, +pos, +neg] branches of equal length: each adapter's runs become one batched product.
+    "regular": dict(seg_indptr=[0, 11, 22, 33, 44, 55, 66], seg_adapter=[-1, 0, 1, -1, 0, 1], seg_scale=[1.5] * 6),
+    # The same with per-branch scales: per-run fallback for the adapters whose scales differ.
+    "scales-differ": dict(seg_indptr=[0, 11, 22, 33, 44, 55, 66], seg_adapter=[-1, 0, 1, -1, 0, 1],
+                          seg_scale=[1.0, 0.5, -2.0, 1.0, 0.5, 1.25]),
+}
+
+
+@pytest.mark.parametrize("layout", list(GUIDANCE_LAYOUTS))
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("torch", torch.float32), ("triton", torch.float16)])
+def test_gradients_of_guidance_layouts(device, backend, dtype, layout):
+    layout = GUIDANCE_LAYOUTS[layout]
+    plan = mll._validate_segments(layout["seg_indptr"], layout["seg_adapter"], layout["seg_scale"], 66, 2)
+    groups = {group.adapter: group.batched for group in mll._adapter_rows(plan)}
+    assert groups == {0: True, 1: layout["seg_scale"][2] == layout["seg_scale"][5]}
+    tensors = make_inputs(66, 29, 37, ranks=[6, 4], dtype=dtype, device=device, seed=13)
+    leaves = [t.clone().requires_grad_(flag) for t, flag in zip(tensors, [True, False, False, True, True])]
+    grad_y = torch.randn(66, 29, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    multi_lora_linear(*leaves, **layout, backend=backend).backward(grad_y.to(dtype).to(device))
+    ref_leaves = [t.detach().cpu().double().requires_grad_(leaf.requires_grad) for t, leaf in zip(tensors, leaves)]
+    multi_lora_linear_reference(*ref_leaves, **layout).backward(grad_y)
+    for name, leaf, ref in zip(["x", "weight", "bias", "lora_a", "lora_b"], leaves, ref_leaves):
+        if ref.requires_grad:
+            assert_close_rel(leaf.grad, ref.grad, GRAD_TOLERANCE[dtype], what=f"grad {name}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -430,8 +517,8 @@ def _op_args(tensors, backend, layout=LAYOUT):
 
 @pytest.mark.parametrize("backend,dtype,train_base", [("torch", torch.float64, True), ("torch", torch.float32, False),
                                                      ("triton", torch.float32, True)])
-def test_opcheck_with_gradients(backend, dtype, train_base):
-    tensors = make_inputs(M_SMALL, 9, 11, ranks=[3, 4, 2], dtype=dtype, device="cpu", seed=13)
+def test_opcheck_with_gradients(backend, dtype, train_base, device):
+    tensors = make_inputs(M_SMALL, 9, 11, ranks=[3, 4, 2], dtype=dtype, device=device, seed=13)
     trainable = [True, train_base, train_base, True, True]
     leaves = [t.clone().requires_grad_(flag) for t, flag in zip(tensors, trainable)]
     result = torch.library.opcheck(torch.ops.cgkernels.multi_lora_linear.default, _op_args(leaves, backend))
@@ -439,15 +526,15 @@ def test_opcheck_with_gradients(backend, dtype, train_base):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_op_autograd_matches_reference(backend):
+def test_op_autograd_matches_reference(backend, device):
     """The op's registered autograd (used under torch.compile) against float64 autograd of the reference."""
     dtype = torch.float32
-    tensors = make_inputs(M_SMALL, 13, 17, ranks=[5, 8, 3], dtype=dtype, device="cpu", seed=17)
+    tensors = make_inputs(M_SMALL, 13, 17, ranks=[5, 8, 3], dtype=dtype, device=device, seed=17)
     leaves = [t.clone().requires_grad_() for t in tensors]
     grad_y = torch.randn(M_SMALL, 13, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     y = torch.ops.cgkernels.multi_lora_linear(*_op_args(leaves, backend))
-    y.backward(grad_y.to(dtype))
-    ref_leaves = [t.detach().double().requires_grad_() for t in tensors]
+    y.backward(grad_y.to(dtype).to(device))
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in tensors]
     ref = multi_lora_linear_reference(*ref_leaves, **LAYOUT)
     ref.backward(grad_y)
     assert_close_rel(y, ref.detach(), TOLERANCE[dtype])

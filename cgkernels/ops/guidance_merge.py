@@ -23,7 +23,15 @@ from collections.abc import Sequence
 
 import torch
 
-import cgkernels._C  # noqa: F401  (loads the library: registers torch.ops.cgkernels.*)
+# The compiled library registers torch.ops.cgkernels.*. A missing or broken build must not make the rest of the
+# package (the Triton multi-LoRA op above all, on a GPU machine whose extension build failed) unimportable: remember
+# why it failed and raise that, with the fix, when guidance_merge is called.
+try:
+    import cgkernels._C  # noqa: F401
+except ImportError as error:  # OSError from a bad .so surfaces as ImportError too
+    EXTENSION_ERROR: ImportError | None = error
+else:
+    EXTENSION_ERROR = None
 
 MAX_PREDS = 16  # the CUDA kernel takes the K input pointers by value
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -72,9 +80,24 @@ def guidance_merge(
             "guidance_merge has no autograd formula: call it under torch.no_grad() or use "
             "guidance_merge_reference when gradients are needed"
         )
+    _require_extension()
     if isinstance(preds, torch.Tensor):
         return torch.ops.cgkernels.guidance_merge.stacked(preds, coeff_list, rescale, ref_list)
     return torch.ops.cgkernels.guidance_merge.default(pred_list, coeff_list, rescale, ref_list)
+
+
+def extension_available() -> bool:
+    """Whether the compiled cgkernels._C (the guidance_merge kernels) loaded."""
+    return EXTENSION_ERROR is None
+
+
+def _require_extension() -> None:
+    if EXTENSION_ERROR is not None:
+        raise RuntimeError(
+            f"guidance_merge needs the compiled extension cgkernels._C, which failed to load ({EXTENSION_ERROR}); "
+            "build it with `pip install --no-build-isolation .` (or `python setup.py build_ext --inplace`), or use "
+            "guidance_merge_reference"
+        )
 
 
 def guidance_merge_reference(
@@ -176,7 +199,6 @@ def _check_rescale(rescale) -> float:
     return float(rescale)
 
 
-@torch.library.register_fake("cgkernels::guidance_merge")
 def _guidance_merge_fake(preds, coeffs, rescale, ref_coeffs):
     first = preds[0]
     for pred in preds[1:]:
@@ -184,6 +206,10 @@ def _guidance_merge_fake(preds, coeffs, rescale, ref_coeffs):
     return first.new_empty(first.shape)
 
 
-@torch.library.register_fake("cgkernels::guidance_merge.stacked")
 def _guidance_merge_stacked_fake(preds, coeffs, rescale, ref_coeffs):
     return preds.new_empty(preds.shape[1:])
+
+
+if EXTENSION_ERROR is None:  # fake implementations attach to the ops the library defined
+    torch.library.register_fake("cgkernels::guidance_merge", _guidance_merge_fake)
+    torch.library.register_fake("cgkernels::guidance_merge.stacked", _guidance_merge_stacked_fake)

@@ -6,20 +6,25 @@ Segment metadata (row offsets, adapter index, scale) lives on the host: it is va
 small cached tile schedule, so repeated calls with the same routing (every UNet step) neither sync nor copy.
 
 Backends
-- triton: one kernel per call. Each program owns a (row tile, column block) pair whose rows all belong to one
-  segment, so a tile has exactly one adapter. In the same K loop over the same x tile it accumulates x W^T and the
-  LoRA shrink x A_a^T; the epilogue adds the scaled expand (.) B_a^T and the bias. One pass over x and W, no
-  [M, N] intermediate. The x-gradient has the same structure (W^T, B_a^T, A_a^T as strided views) and reuses it.
-- torch: base matmul once over all rows, then per segment an in-place `addmm_` (LoRA) and bias add on row views.
+- triton (fp16/bf16 on CUDA by default): each program owns a (row tile, column block) pair whose rows all belong
+  to one segment, so a tile has exactly one adapter. The LoRA shrink x A_a^T is either accumulated in the base
+  GEMM's K loop over the same x tile ("in-loop": one kernel, but every column block recomputes it) or computed once
+  per row tile by a small pre-pass kernel into an [M, R_pad] buffer ("pre-pass"; always for padded ranks > 64,
+  > 32 in fp32, where the in-loop accumulator would spill). The epilogue adds the scaled expand (.) B_a^T and the bias; no [M, N]
+  intermediate. The autotuner (keyed by layer shape, layout, rank and a bucket of M) times both placements. The
+  x-gradient has the same structure (W^T, B_a^T, A_a^T as strided views) and reuses the kernels.
+- torch (CPU, float64, and fp32 on CUDA where cuBLAS beats an FMA Triton kernel): base matmul once over all rows,
+  then per segment an in-place `addmm_` (LoRA) and bias add on row views.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import struct
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Union
 
 import torch
@@ -40,6 +45,7 @@ IntSequence = Union[Sequence[int], torch.Tensor]
 FloatSequence = Union[Sequence[float], torch.Tensor]
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_AUTO_TRITON_DTYPES = (torch.float16, torch.bfloat16)  # fp32 on CUDA: cuBLAS + the torch LoRA path
 _TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -218,9 +224,23 @@ def _torch_forward(x2, weight, bias, lora_a, lora_b, plan: SegmentPlan, shrink_o
 # ----------------------------------------------------------------------------------------------------------------
 # Triton backend
 # ----------------------------------------------------------------------------------------------------------------
+SHRINK_MODES = ("in-loop", "pre-pass")
+# The in-loop shrink keeps a [BLOCK_M, R_PAD] fp32 accumulator next to the [BLOCK_M, BLOCK_N] one: beyond these padded
+# ranks some configs spill (checked by tests/test_triton_compile.py), so wider adapters (pos+neg concatenated for
+# NPO reach 128) always take the pre-pass. fp32 (FMA path, operands in registers) has less room.
+MAX_IN_LOOP_RANK = {"half": 64, "fp32": 32}
+
+
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes and launch options of the Triton kernel (block_m also sets the tile schedule's row tiles)."""
+    """Tile sizes, launch options and shrink placement of the Triton kernel (block_m also sets the tile schedule's
+    row tiles).
+
+    shrink: "in-loop" accumulates x A_a^T in the base GEMM's K loop of every (row tile, column block) program, so
+    each column block recomputes it (extra work ~ R_pad / BLOCK_N); "pre-pass" computes it once per row tile in a
+    small kernel that writes scale * x A_a^T as [M, R_pad] (input dtype), read back in the epilogue (an extra read
+    of x). The autotuner times both where both are allowed; which one won is visible in the tuned config.
+    """
 
     block_m: int
     block_n: int
@@ -228,9 +248,16 @@ class KernelConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    shrink: str = "in-loop"
+
+    def __post_init__(self):
+        if self.shrink not in SHRINK_MODES:
+            raise ValueError(f"KernelConfig.shrink must be one of {SHRINK_MODES}, got {self.shrink!r}")
 
 
-# Hopper-sized tiles for fp16/bf16 (wgmma) and smaller ones for exact fp32 (FMA path, no tensor cores).
+# Hopper-sized tiles for fp16/bf16 (wgmma); the autotuner tries each with both shrink placements. fp32 runs on the
+# Triton kernel only when asked for (backend="triton": tests, the interpreter); the automatic choice on CUDA is cuBLAS
+# plus the torch LoRA path, faster than a 255-register FMA kernel.
 KERNEL_CONFIGS = {
     "half": (
         KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
@@ -270,6 +297,30 @@ def _rank_pad(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
+def _dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+def _in_loop_fits(rank: int, dtype: torch.dtype) -> bool:
+    return _rank_pad(rank) <= MAX_IN_LOOP_RANK[_dtype_class(dtype)]
+
+
+def _shrink_mode(config: KernelConfig, rank: int, dtype: torch.dtype) -> str:
+    """The config's shrink placement, or the pre-pass where the in-loop accumulator would not fit."""
+    return config.shrink if _in_loop_fits(rank, dtype) else "pre-pass"
+
+
+def _candidate_configs(dtype: torch.dtype, rank: int) -> list:
+    """What the autotuner times: every tile config with every shrink placement allowed at this rank."""
+    modes = SHRINK_MODES if _in_loop_fits(rank, dtype) else ("pre-pass",)
+    return [replace(config, shrink=mode) for config in KERNEL_CONFIGS[_dtype_class(dtype)] for mode in modes]
+
+
+def _rows_bucket(num_rows: int) -> int:
+    """Power-of-two bucket of M for the autotune key: the best tile for 462 text rows is not the one for 24576."""
+    return 1 << max(4, (num_rows - 1).bit_length())
+
+
 def _tile_schedule(plan: SegmentPlan, block_m: int, device: torch.device):
     """Device int32 [T, 4] rows (row_start, row_end, adapter, scale as float32 bits); cached per routing."""
     key = (plan, block_m, device)
@@ -295,13 +346,87 @@ def _tile_schedule(plan: SegmentPlan, block_m: int, device: torch.device):
 if triton is not None:
 
     @triton.jit
+    def _load_tile(tile_ptr, tile):
+        row_start = tl.load(tile_ptr + tile * 4)
+        row_end = tl.load(tile_ptr + tile * 4 + 1)
+        adapter = tl.load(tile_ptr + tile * 4 + 2)
+        scale = tl.load(tile_ptr + tile * 4 + 3).to(tl.float32, bitcast=True)
+        return row_start, row_end, adapter, scale
+
+    @triton.jit
+    def _base_gemm(acc, x_ptrs, w_ptrs, row_mask, col_mask, offs_k, K, stride_xk, stride_wk,
+                   INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_BF16: tl.constexpr):
+        """acc += x W^T over all of K for one (row tile, column block)."""
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_mask = offs_k < K - k * BLOCK_K
+            x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            if UPCAST_BF16:
+                x, w = x.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+        return acc
+
+    @triton.jit
+    def _expand(acc, shrink, b_ptr, adapter, offs_r, offs_n, rank_mask, col_mask, stride_ba, stride_bn, stride_br,
+                INPUT_PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr):
+        """acc += shrink B_a^T for one column block (shrink: the scaled [BLOCK_M, R_PAD] x A_a^T, input dtype)."""
+        b_ptrs = (b_ptr + adapter.to(tl.int64) * stride_ba + offs_r[:, None] * stride_br
+                  + offs_n.to(tl.int64)[None, :] * stride_bn)
+        b = tl.load(b_ptrs, mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
+        if UPCAST_BF16:
+            shrink, b = shrink.to(tl.float32), b.to(tl.float32)
+        return tl.dot(shrink, b, acc, input_precision=INPUT_PRECISION)
+
+    @triton.jit
+    def _lora_shrink_kernel(
+        x_ptr, a_ptr, s_ptr, tile_ptr,
+        K, R,
+        stride_xm, stride_xk,
+        stride_aa, stride_ar, stride_ak,
+        stride_sm,
+        R_PAD: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        UPCAST_BF16: tl.constexpr,
+    ):
+        # Pre-pass: s[m, :] = scale * x[m] A_a^T (rounded to the input dtype) for the rows of one row tile, once.
+        row_start, row_end, adapter, scale = _load_tile(tile_ptr, tl.program_id(0))
+        if adapter >= 0:
+            offs_m = row_start + tl.arange(0, BLOCK_M)
+            offs_k = tl.arange(0, BLOCK_K)
+            offs_r = tl.arange(0, R_PAD)
+            row_mask = offs_m < row_end
+            rank_mask = offs_r < R
+            x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+            a_base = a_ptr + adapter.to(tl.int64) * stride_aa
+            a_ptrs = a_base + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
+            acc_r = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+            for k in range(0, tl.cdiv(K, BLOCK_K)):
+                k_mask = offs_k < K - k * BLOCK_K
+                x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                a = tl.load(a_ptrs, mask=k_mask[:, None] & rank_mask[None, :], other=0.0)
+                if UPCAST_BF16:
+                    x, a = x.to(tl.float32), a.to(tl.float32)
+                acc_r = tl.dot(x, a, acc_r, input_precision=INPUT_PRECISION)
+                x_ptrs += BLOCK_K * stride_xk
+                a_ptrs += BLOCK_K * stride_ak
+            s_ptrs = s_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + offs_r[None, :]
+            tl.store(s_ptrs, (acc_r * scale).to(s_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+    # The tile count varies with every routing and layer: no specialization on it (each would be another compile of
+    # every autotune candidate). R keeps its divisibility hint: without it the rank mask costs registers (spills).
+    @triton.jit(do_not_specialize=["num_tiles"])
     def _multi_lora_linear_kernel(
-        x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, tile_ptr,
+        x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, s_ptr, y_ptr, tile_ptr,
         num_tiles, N, K, R,
         stride_xm, stride_xk,
         stride_wn, stride_wk,
         stride_aa, stride_ar, stride_ak,
         stride_ba, stride_bn, stride_br,
+        stride_sm,
         stride_ym, stride_yn,
         HAS_BIAS: tl.constexpr,
         R_PAD: tl.constexpr,
@@ -311,6 +436,7 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
         UPCAST_BF16: tl.constexpr,
+        SHRINK_IN_LOOP: tl.constexpr,
     ):
         # Grouped ordering: GROUP_M consecutive row tiles sweep the column blocks together, so their W blocks
         # stay in L2.
@@ -321,11 +447,7 @@ if triton is not None:
         group_size = tl.minimum(num_tiles - first_tile, GROUP_M)
         tile = first_tile + (pid % pids_per_group) % group_size
         pid_n = (pid % pids_per_group) // group_size
-
-        row_start = tl.load(tile_ptr + tile * 4)
-        row_end = tl.load(tile_ptr + tile * 4 + 1)
-        adapter = tl.load(tile_ptr + tile * 4 + 2)
-        scale = tl.load(tile_ptr + tile * 4 + 3).to(tl.float32, bitcast=True)
+        row_start, row_end, adapter, scale = _load_tile(tile_ptr, tile)
 
         offs_m = row_start + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -340,40 +462,39 @@ if triton is not None:
         w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-        if adapter >= 0:
-            a_base = a_ptr + adapter.to(tl.int64) * stride_aa
-            a_ptrs = a_base + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
-            acc_r = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-            for k in range(0, tl.cdiv(K, BLOCK_K)):
-                k_mask = offs_k < K - k * BLOCK_K
-                x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-                a = tl.load(a_ptrs, mask=k_mask[:, None] & rank_mask[None, :], other=0.0)
-                if UPCAST_BF16:
-                    x, w, a = x.to(tl.float32), w.to(tl.float32), a.to(tl.float32)
-                acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-                acc_r = tl.dot(x, a, acc_r, input_precision=INPUT_PRECISION)
-                x_ptrs += BLOCK_K * stride_xk
-                w_ptrs += BLOCK_K * stride_wk
-                a_ptrs += BLOCK_K * stride_ak
-            # Expand in the epilogue; the shrink is rounded to the input dtype like an unfused LoRA would be.
-            b_base = b_ptr + adapter.to(tl.int64) * stride_ba
-            b_ptrs = b_base + offs_r[:, None] * stride_br + offs_n.to(tl.int64)[None, :] * stride_bn
-            b = tl.load(b_ptrs, mask=rank_mask[:, None] & col_mask[None, :], other=0.0)
-            shrink = (acc_r * scale).to(b.dtype)
-            if UPCAST_BF16:
-                shrink, b = shrink.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(shrink, b, acc, input_precision=INPUT_PRECISION)
+        if SHRINK_IN_LOOP:
+            if adapter >= 0:
+                # Base GEMM and shrink in the same K loop over the same x tile.
+                a_ptrs = (a_ptr + adapter.to(tl.int64) * stride_aa + offs_r[None, :] * stride_ar
+                          + offs_k[:, None] * stride_ak)
+                acc_r = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+                for k in range(0, tl.cdiv(K, BLOCK_K)):
+                    k_mask = offs_k < K - k * BLOCK_K
+                    x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                    w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+                    a = tl.load(a_ptrs, mask=k_mask[:, None] & rank_mask[None, :], other=0.0)
+                    if UPCAST_BF16:
+                        x, w, a = x.to(tl.float32), w.to(tl.float32), a.to(tl.float32)
+                    acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+                    acc_r = tl.dot(x, a, acc_r, input_precision=INPUT_PRECISION)
+                    x_ptrs += BLOCK_K * stride_xk
+                    w_ptrs += BLOCK_K * stride_wk
+                    a_ptrs += BLOCK_K * stride_ak
+                # The shrink is rounded to the input dtype like an unfused LoRA would be (and like the pre-pass).
+                shrink = (acc_r * scale).to(b_ptr.dtype.element_ty)
+                acc = _expand(acc, shrink, b_ptr, adapter, offs_r, offs_n, rank_mask, col_mask, stride_ba, stride_bn,
+                              stride_br, INPUT_PRECISION, UPCAST_BF16)
+            else:
+                acc = _base_gemm(acc, x_ptrs, w_ptrs, row_mask, col_mask, offs_k, K, stride_xk, stride_wk,
+                                 INPUT_PRECISION, BLOCK_K, UPCAST_BF16)
         else:
-            for k in range(0, tl.cdiv(K, BLOCK_K)):
-                k_mask = offs_k < K - k * BLOCK_K
-                x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-                if UPCAST_BF16:
-                    x, w = x.to(tl.float32), w.to(tl.float32)
-                acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-                x_ptrs += BLOCK_K * stride_xk
-                w_ptrs += BLOCK_K * stride_wk
+            acc = _base_gemm(acc, x_ptrs, w_ptrs, row_mask, col_mask, offs_k, K, stride_xk, stride_wk,
+                             INPUT_PRECISION, BLOCK_K, UPCAST_BF16)
+            if adapter >= 0:  # the pre-pass left scale * x A_a^T for these rows in s
+                s_ptrs = s_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + offs_r[None, :]
+                shrink = tl.load(s_ptrs, mask=row_mask[:, None], other=0.0)
+                acc = _expand(acc, shrink, b_ptr, adapter, offs_r, offs_n, rank_mask, col_mask, stride_ba, stride_bn,
+                              stride_br, INPUT_PRECISION, UPCAST_BF16)
 
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=col_mask, other=0.0).to(tl.float32)
@@ -382,8 +503,8 @@ if triton is not None:
 
 
 def _auto_uses_triton(x: torch.Tensor) -> bool:
-    # The interpreter is a test tool, never an automatic choice.
-    return triton is not None and x.is_cuda and x.dtype in _TRITON_DTYPES and not _is_interpreted()
+    # The interpreter is a test tool, never an automatic choice; fp32 goes to cuBLAS + the torch LoRA path.
+    return triton is not None and x.is_cuda and x.dtype in _AUTO_TRITON_DTYPES and not _is_interpreted()
 
 
 def _is_interpreted() -> bool:
@@ -414,45 +535,95 @@ if _is_interpreted() and tuple(int(part) for part in triton.__version__.split(".
     _squeeze_interpreter_loop_bounds()
 
 
-def _kernel_launch_spec(x2, weight, bias, lora_a, lora_b, y, tiles, num_tiles: int, config: KernelConfig):
-    """The kernel's grid, runtime arguments, constexprs and launch options, by name.
+def _kernel_launch_spec(x2, weight, bias, lora_a, lora_b, y, tiles, num_tiles: int, config: KernelConfig,
+                        shrink=None):
+    """The main kernel's grid, runtime arguments, constexprs and launch options, by name.
 
-    Tests reuse it to compile the kernel ahead of time with exactly the arguments a real launch passes.
+    shrink: the pre-pass's [M, R_pad] buffer (pre-pass mode), else None. Tests reuse this to compile the kernel
+    ahead of time with exactly the arguments a real launch passes.
     """
     out_features, in_features = weight.shape
     rank = lora_a.shape[1]
+    in_loop = _shrink_mode(config, rank, x2.dtype) == "in-loop"
+    if not in_loop and shrink is None:
+        raise ValueError("the pre-pass shrink mode needs the shrink buffer")
     grid = (num_tiles * triton.cdiv(out_features, config.block_n),)
     args = dict(
-        x_ptr=x2, w_ptr=weight, bias_ptr=bias if bias is not None else y, a_ptr=lora_a, b_ptr=lora_b, y_ptr=y,
+        x_ptr=x2, w_ptr=weight, bias_ptr=bias if bias is not None else y, a_ptr=lora_a, b_ptr=lora_b,
+        s_ptr=shrink if shrink is not None else y, y_ptr=y,
         tile_ptr=tiles, num_tiles=num_tiles, N=out_features, K=in_features, R=rank,
         stride_xm=x2.stride(0), stride_xk=x2.stride(1),
         stride_wn=weight.stride(0), stride_wk=weight.stride(1),
         stride_aa=lora_a.stride(0), stride_ar=lora_a.stride(1), stride_ak=lora_a.stride(2),
         stride_ba=lora_b.stride(0), stride_bn=lora_b.stride(1), stride_br=lora_b.stride(2),
+        stride_sm=shrink.stride(0) if shrink is not None else 0,
         stride_ym=y.stride(0), stride_yn=y.stride(1),
     )
     constexprs = dict(
         HAS_BIAS=bias is not None,
         R_PAD=_rank_pad(rank),
-        INPUT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
+        INPUT_PRECISION=_input_precision(x2),
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         GROUP_M=config.group_m,
-        # The interpreter's tl.dot multiplies bf16 bit patterns as integers (triton 3.6-3.9): feed it exact fp32
-        # copies instead. Compiled kernels take bf16 straight to the tensor cores.
-        UPCAST_BF16=x2.dtype == torch.bfloat16 and _is_interpreted(),
+        UPCAST_BF16=_upcast_bf16(x2),
+        SHRINK_IN_LOOP=in_loop,
     )
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     return grid, args, constexprs, options
 
 
+def _shrink_launch_spec(x2, lora_a, shrink, tiles, num_tiles: int, config: KernelConfig):
+    """The pre-pass kernel's grid (one program per row tile), arguments, constexprs and launch options."""
+    rank_pad = _rank_pad(lora_a.shape[1])
+    args = dict(
+        x_ptr=x2, a_ptr=lora_a, s_ptr=shrink, tile_ptr=tiles, K=x2.shape[1], R=lora_a.shape[1],
+        stride_xm=x2.stride(0), stride_xk=x2.stride(1),
+        stride_aa=lora_a.stride(0), stride_ar=lora_a.stride(1), stride_ak=lora_a.stride(2),
+        stride_sm=shrink.stride(0),
+    )
+    constexprs = dict(R_PAD=rank_pad, INPUT_PRECISION=_input_precision(x2), BLOCK_M=config.block_m,
+                      BLOCK_K=config.block_k, UPCAST_BF16=_upcast_bf16(x2))
+    # A [BLOCK_M, R_PAD] fp32 accumulator: 8 warps keep 128 x 128 at 64 registers a thread.
+    options = dict(num_warps=8 if config.block_m * rank_pad >= 128 * 128 else 4, num_stages=min(config.num_stages, 3))
+    return (num_tiles,), args, constexprs, options
+
+
+def _input_precision(x2) -> str:
+    # fp32 must stay exact (no tf32 rounding); halves take the tensor cores either way.
+    return "ieee" if x2.dtype == torch.float32 else "tf32"
+
+
+def _upcast_bf16(x2) -> bool:
+    # The interpreter's tl.dot multiplies bf16 bit patterns as integers (triton 3.6-3.9): feed it exact fp32
+    # copies instead. Compiled kernels take bf16 straight to the tensor cores.
+    return x2.dtype == torch.bfloat16 and _is_interpreted()
+
+
 def _launch(x2, weight, bias, lora_a, lora_b, plan: SegmentPlan, y, config: KernelConfig):
+    """Runs the kernel(s) for one call; returns the pre-pass's scaled shrink buffer (pre-pass mode) or None."""
     tiles, num_tiles = _tile_schedule(plan, config.block_m, x2.device)
     if num_tiles == 0:
-        return
-    grid, args, constexprs, options = _kernel_launch_spec(x2, weight, bias, lora_a, lora_b, y, tiles, num_tiles, config)
+        return None
+    shrink = None
+    if _shrink_mode(config, lora_a.shape[1], x2.dtype) == "pre-pass":
+        # Rows of base-only tiles are neither written nor read.
+        shrink = torch.empty((x2.shape[0], _rank_pad(lora_a.shape[1])), dtype=x2.dtype, device=x2.device)
+        grid, args, constexprs, options = _shrink_launch_spec(x2, lora_a, shrink, tiles, num_tiles, config)
+        _lora_shrink_kernel[grid](*args.values(), **constexprs, **options)
+    grid, args, constexprs, options = _kernel_launch_spec(
+        x2, weight, bias, lora_a, lora_b, y, tiles, num_tiles, config, shrink=shrink
+    )
     _multi_lora_linear_kernel[grid](*args.values(), **constexprs, **options)
+    return shrink
+
+
+def _autotune_key(x2, weight, bias, lora_a) -> tuple:
+    # The layout is part of the key (the x-gradient runs this kernel on transposed, strided views), and so is a
+    # bucket of M: the best tile for 462 text rows is not the one for 24576 image rows.
+    return (_rows_bucket(x2.shape[0]), weight.shape[0], weight.shape[1], weight.stride(), _rank_pad(lora_a.shape[1]),
+            x2.dtype, bias is not None, x2.device)
 
 
 def _pick_config(x2, weight, bias, lora_a, lora_b, plan, y) -> KernelConfig:
@@ -460,17 +631,17 @@ def _pick_config(x2, weight, bias, lora_a, lora_b, plan, y) -> KernelConfig:
         return _forced_config
     if _is_interpreted():
         return INTERPRETER_CONFIG
-    # The layout is part of the key: the x-gradient runs this kernel on transposed (strided) views.
-    key = (weight.shape[0], weight.shape[1], weight.stride(), _rank_pad(lora_a.shape[1]), x2.dtype, bias is not None,
-           x2.device)
+    key = _autotune_key(x2, weight, bias, lora_a)
     best = _best_config_cache.get(key)
     if best is None:
         # Time each candidate on the real call (the output is overwritten, so the timing runs are harmless).
-        candidates = KERNEL_CONFIGS["fp32" if x2.dtype == torch.float32 else "half"]
+        candidates = _candidate_configs(x2.dtype, lora_a.shape[1])
         timings = []
         for config in candidates:
             try:
-                ms = triton.testing.do_bench(lambda: _launch(x2, weight, bias, lora_a, lora_b, plan, y, config))
+                # Short timing runs: a layer's first call tunes ~10 candidates, and a UNet has ~100 layer shapes.
+                ms = triton.testing.do_bench(lambda: _launch(x2, weight, bias, lora_a, lora_b, plan, y, config),
+                                             warmup=5, rep=25)
             except triton.runtime.errors.OutOfResources:
                 continue
             timings.append((ms, config))
@@ -481,15 +652,19 @@ def _pick_config(x2, weight, bias, lora_a, lora_b, plan, y) -> KernelConfig:
     return best
 
 
-def _triton_forward(x2, weight, bias, lora_a, lora_b, plan: SegmentPlan):
+def _triton_forward(x2, weight, bias, lora_a, lora_b, plan: SegmentPlan, keep_shrink: bool = False):
+    """y, or (y, shrink) with keep_shrink: the pre-pass's [M, R_pad] scale * x A_a^T (None without LoRA rows),
+    kept for the lora_b gradient; the tuned tile config then runs with the pre-pass."""
     if bias is not None:
         bias = bias.contiguous()  # the kernel reads bias[n] at bias_ptr + n
     y = torch.empty((x2.shape[0], weight.shape[0]), dtype=x2.dtype, device=x2.device)
-    if x2.shape[0] == 0:
-        return y
-    config = _pick_config(x2, weight, bias, lora_a, lora_b, plan, y)
-    _launch(x2, weight, bias, lora_a, lora_b, plan, y, config)
-    return y
+    shrink = None
+    if x2.shape[0] > 0:
+        config = _pick_config(x2, weight, bias, lora_a, lora_b, plan, y)
+        if keep_shrink:
+            config = replace(config, shrink="pre-pass")
+        shrink = _launch(x2, weight, bias, lora_a, lora_b, plan, y, config)
+    return (y, shrink) if keep_shrink else y
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -498,38 +673,83 @@ def _triton_forward(x2, weight, bias, lora_a, lora_b, plan: SegmentPlan):
 _FORWARDS = {"torch": _torch_forward, "triton": _triton_forward}
 
 
-def _accumulate_product(acc, mat1, mat2, scale: float):
-    """acc += scale * mat1 @ mat2, in place (half inputs: product in the input dtype, summed into fp32 acc)."""
-    if acc.dtype == mat1.dtype:
-        acc.addmm_(mat1, mat2, alpha=scale)
-    else:
-        acc.add_(mat1 @ mat2, alpha=scale)
+@dataclass(frozen=True)
+class _AdapterRows:
+    """The rows one adapter serves: n runs of m rows each, `step` rows apart, one scale (a batched strided view), or
+    irregular runs (listed one by one)."""
+
+    adapter: int
+    runs: tuple  # (start, end, scale) per run
+    batched: bool
+
+    @property
+    def shape(self):
+        start, end, _ = self.runs[0]
+        step = self.runs[1][0] - start if len(self.runs) > 1 else end - start
+        return len(self.runs), end - start, step
 
 
-def _lora_grads(x2, grad_y, lora_a, lora_b, plan: SegmentPlan, need_a: bool, need_b: bool, shrink=None, grad_x=None):
-    """dA_a = sum_s scale_s (dy_s B_a)^T x_s and dB_a = sum_s scale_s dy_s^T (x_s A_a^T), per segment.
+@functools.lru_cache(maxsize=256)  # once per routing, not per backward call
+def _adapter_rows(plan: SegmentPlan) -> tuple:
+    """Runs grouped by adapter. Guidance layouts (branches of equal length, e.g. [b, +pos, +neg] x [uncond, cond])
+    give each adapter equally long, equally spaced runs at one scale: those become one batched product."""
+    groups: dict = {}
+    for start, end, adapter, scale in plan.runs():
+        if adapter >= 0:
+            groups.setdefault(adapter, []).append((start, end, scale))
+    rows = []
+    for adapter, runs in groups.items():
+        lengths = {end - start for start, end, _ in runs}
+        steps = {runs[i + 1][0] - runs[i][0] for i in range(len(runs) - 1)}
+        scales = {scale for _, _, scale in runs}
+        rows.append(_AdapterRows(adapter, tuple(runs), len(lengths) == 1 and len(steps) <= 1 and len(scales) == 1))
+    return tuple(rows)
 
-    shrink: the forward's [M, R] x A_a^T rows, else recomputed here. grad_x: if given, each segment's LoRA part of
-    dx, scale_s (dy_s B_a) A_a, is added to it in place, sharing dy_s B_a with dA_a (the torch backend).
+
+def _row_view(tensor, group: _AdapterRows):
+    """[n, m, C] strided view of the group's rows of a row-major-strided [M, C] tensor (no copy)."""
+    n, m, step = group.shape
+    row_stride, col_stride = tensor.stride()
+    offset = tensor.storage_offset() + group.runs[0][0] * row_stride
+    return tensor.as_strided((n, m, tensor.shape[1]), (step * row_stride, row_stride, col_stride), offset)
+
+
+def _lora_grads(x2, grad_y, lora_a, lora_b, plan: SegmentPlan, need_a: bool, need_b: bool, shrink=None,
+                shrink_scaled: bool = False, grad_x=None):
+    """dA_a = sum_s scale_s (dy_s B_a)^T x_s and dB_a = sum_s scale_s dy_s^T (x_s A_a^T), one batched product per
+    adapter where its runs are regular (see _adapter_rows), else per run.
+
+    shrink: the forward's x A_a^T rows ([M, >= R]; already multiplied by the scale if shrink_scaled: the Triton
+    pre-pass), else recomputed here. grad_x: if given, each run's LoRA part of dx, scale_s (dy_s B_a) A_a, is added
+    to it in place, sharing dy_s B_a with dA_a (the torch backend).
     """
-    # Matmuls run in the input dtype (fp32 accumulation inside); the per-segment partials of an adapter that
-    # serves several segments are summed in an fp32 buffer for half inputs.
+    # Matmuls run in the input dtype (fp32 accumulation inside); the partials of an adapter that serves several
+    # runs are summed in an fp32 buffer for half inputs.
     acc_dtype = torch.float32 if lora_a.dtype in (torch.float16, torch.bfloat16) else lora_a.dtype
     grad_a = torch.zeros(lora_a.shape, dtype=acc_dtype, device=lora_a.device) if need_a else None
     grad_b = torch.zeros(lora_b.shape, dtype=acc_dtype, device=lora_b.device) if need_b else None
-    for start, end, adapter, scale in plan.runs():
-        if adapter < 0:
-            continue
-        x_s, dy_s = x2[start:end], grad_y[start:end]
-        if need_a or grad_x is not None:
-            expand_grad = dy_s @ lora_b[adapter]  # [m, R]
-            if grad_x is not None:
-                grad_x[start:end].addmm_(expand_grad, lora_a[adapter], alpha=scale)
-            if need_a:
-                _accumulate_product(grad_a[adapter], expand_grad.t(), x_s, scale)
-        if need_b:
-            shrink_s = x_s @ lora_a[adapter].t() if shrink is None else shrink[start:end]  # [m, R]
-            _accumulate_product(grad_b[adapter], dy_s.t(), shrink_s, scale)
+    rank = lora_a.shape[1]
+    for group in _adapter_rows(plan):
+        a = group.adapter
+        batches = [group] if group.batched else [
+            _AdapterRows(a, (run,), True) for run in group.runs  # one run: a batch of one
+        ]
+        for batch in batches:
+            scale = batch.runs[0][2]
+            x_b, dy_b = _row_view(x2, batch), _row_view(grad_y, batch)  # [n, m, K], [n, m, N]
+            if need_a or grad_x is not None:
+                expand_grad = dy_b @ lora_b[a]  # [n, m, R]
+                if grad_x is not None:
+                    _row_view(grad_x, batch).baddbmm_(expand_grad, lora_a[a].expand(len(batch.runs), -1, -1),
+                                                      alpha=scale)
+                if need_a:
+                    grad_a[a].add_((expand_grad.transpose(1, 2) @ x_b).sum(0, dtype=acc_dtype), alpha=scale)
+            if need_b:
+                if shrink is None:
+                    shrink_b, factor = x_b @ lora_a[a].t(), scale
+                else:
+                    shrink_b, factor = _row_view(shrink, batch)[:, :, :rank], 1.0 if shrink_scaled else scale
+                grad_b[a].add_((dy_b.transpose(1, 2) @ shrink_b).sum(0, dtype=acc_dtype), alpha=factor)
     return (
         grad_a.to(lora_a.dtype) if need_a else None,
         grad_b.to(lora_b.dtype) if need_b else None,
@@ -545,6 +765,9 @@ class _MultiLoraLinearFunction(torch.autograd.Function):
             if ctx.needs_input_grad[4]:
                 shrink = x2.new_empty((x2.shape[0], lora_a.shape[1]))
             y = _torch_forward(x2, weight, bias, lora_a, lora_b, plan, shrink_out=shrink)
+        elif ctx.needs_input_grad[4]:
+            # The pre-pass's scale * x A_a^T ([M, R_pad]) serves dB: no recompute in backward.
+            y, shrink = _triton_forward(x2, weight, bias, lora_a, lora_b, plan, keep_shrink=True)
         else:
             y = _FORWARDS[backend](x2, weight, bias, lora_a, lora_b, plan)
         ctx.save_for_backward(x2, weight, lora_a, lora_b, shrink)
@@ -572,7 +795,8 @@ class _MultiLoraLinearFunction(torch.autograd.Function):
         if need_bias and ctx.has_bias:
             grad_bias = grad_y.sum(0)
         grad_a, grad_b = _lora_grads(
-            x2, grad_y, lora_a, lora_b, ctx.plan, need_a, need_b, shrink=shrink, grad_x=lora_grad_x
+            x2, grad_y, lora_a, lora_b, ctx.plan, need_a, need_b, shrink=shrink,
+            shrink_scaled=ctx.backend == "triton", grad_x=lora_grad_x,
         )
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
 
