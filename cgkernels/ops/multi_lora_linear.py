@@ -778,27 +778,37 @@ class _MultiLoraLinearFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x2, weight, lora_a, lora_b, shrink = ctx.saved_tensors
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        grad_y = grad_y.contiguous()
-        grad_x = grad_w = grad_bias = None
-        lora_grad_x = None
-        if need_x and ctx.backend == "torch":
-            # dx = dy W here; _lora_grads adds scale * (dy B_a) A_a per segment, reusing dy B_a for dA.
-            grad_x = lora_grad_x = grad_y @ weight
-        elif need_x:
-            # dx = dy W + scale * (dy B_a) A_a: the fused forward kernel with W^T, B_a^T and A_a^T as strided views.
-            grad_x = _FORWARDS[ctx.backend](
-                grad_y, weight.t(), None, lora_b.transpose(1, 2), lora_a.transpose(1, 2), ctx.plan
-            )
-        if need_w:
-            grad_w = grad_y.t() @ x2
-        if need_bias and ctx.has_bias:
-            grad_bias = grad_y.sum(0)
-        grad_a, grad_b = _lora_grads(
-            x2, grad_y, lora_a, lora_b, ctx.plan, need_a, need_b, shrink=shrink,
-            shrink_scaled=ctx.backend == "triton", grad_x=lora_grad_x,
-        )
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
+        plan, backend = ctx.plan, ctx.backend
+
+        def fused_grad_x(grad_y, weight_t, lora_b_t, lora_a_t):
+            return _FORWARDS[backend](grad_y, weight_t, None, lora_b_t, lora_a_t, plan)
+
+        grads = _backward(grad_y, x2, weight, lora_a, lora_b, plan, backend, ctx.needs_input_grad[:5], ctx.has_bias,
+                          fused_grad_x, shrink=shrink, shrink_scaled=backend == "triton")
+        return (*grads, None, None)
+
+
+def _backward(grad_y, x2, weight, lora_a, lora_b, plan: SegmentPlan, backend: str, needs, has_bias: bool,
+              fused_grad_x, *, shrink=None, shrink_scaled: bool = False):
+    """(dx, dW, dbias, dA, dB) of y = x W^T + b + scale_s (x A_a^T) B_a^T; shared by the eager autograd Function
+    and the custom op's registered autograd. fused_grad_x(dy, W^T, B^T, A^T) runs the fused forward on transposed
+    views for the Triton backend (the op passes itself, so that it stays one opaque node when compiled)."""
+    need_x, need_w, need_bias, need_a, need_b = needs
+    grad_y = grad_y.contiguous()
+    grad_x = grad_w = grad_bias = lora_grad_x = None
+    if need_x and backend == "torch":
+        # dx = dy W here; _lora_grads adds scale * (dy B_a) A_a per segment, reusing dy B_a for dA.
+        grad_x = lora_grad_x = grad_y @ weight
+    elif need_x:
+        # dx = dy W + scale * (dy B_a) A_a: the fused forward kernel with W^T, B_a^T and A_a^T as strided views.
+        grad_x = fused_grad_x(grad_y, weight.t(), lora_b.transpose(1, 2), lora_a.transpose(1, 2))
+    if need_w:
+        grad_w = grad_y.t() @ x2
+    if need_bias and has_bias:
+        grad_bias = grad_y.sum(0)
+    grad_a, grad_b = _lora_grads(x2, grad_y, lora_a, lora_b, plan, need_a, need_b, shrink=shrink,
+                                 shrink_scaled=shrink_scaled, grad_x=lora_grad_x)
+    return grad_x, grad_w, grad_bias, grad_a, grad_b
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -842,23 +852,14 @@ def _op_backward(ctx, grad_y):
     x2, weight, lora_a, lora_b = ctx.saved_tensors
     seg_indptr, seg_adapter, seg_scale = ctx.segments
     plan = _segment_plan(seg_indptr, seg_adapter, seg_scale, x2.shape[0], lora_a.shape[0])
-    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-    grad_y = grad_y.contiguous()
-    grad_x = grad_w = grad_bias = lora_grad_x = None
-    if need_x and ctx.backend == "torch":
-        grad_x = lora_grad_x = grad_y @ weight  # _lora_grads adds each segment's LoRA part in place
-    elif need_x:
-        # dx = dy W + scale * (dy B_a) A_a: the op itself on transposed views (one opaque node when compiled)
-        grad_x = _multi_lora_linear_op(
-            grad_y, weight.t(), None, lora_b.transpose(1, 2), lora_a.transpose(1, 2), seg_indptr, seg_adapter,
-            seg_scale, ctx.backend,
-        )
-    if need_w:
-        grad_w = grad_y.t() @ x2
-    if need_bias and ctx.has_bias:
-        grad_bias = grad_y.sum(0)
-    grad_a, grad_b = _lora_grads(x2, grad_y, lora_a, lora_b, plan, need_a, need_b, grad_x=lora_grad_x)
-    return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None
+
+    def fused_grad_x(grad_y, weight_t, lora_b_t, lora_a_t):
+        return _multi_lora_linear_op(grad_y, weight_t, None, lora_b_t, lora_a_t, seg_indptr, seg_adapter, seg_scale,
+                                     ctx.backend)
+
+    grads = _backward(grad_y, x2, weight, lora_a, lora_b, plan, ctx.backend, ctx.needs_input_grad[:5], ctx.has_bias,
+                      fused_grad_x)
+    return (*grads, None, None, None, None)
 
 
 _multi_lora_linear_op.register_autograd(_op_backward, setup_context=_op_setup_context)
