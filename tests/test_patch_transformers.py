@@ -268,3 +268,51 @@ def test_refused_modes_and_pipelines(pipes):
         flux.transformer.to(torch.float32)
     with pytest.raises(ValueError, match="adapter 'missing' is not loaded on pipe.transformer"):
         cgkernels.patch(flux, guidance="pgd", positive="missing")
+
+
+def test_compiled_flux_transformer_has_no_graph_breaks(pipes):
+    """torch.compile(pipe.transformer, fullgraph=True) after patching: the host part (which call of true CFG this
+    is, step counting) stays eager, the core traces whole, one graph per step plan (the cond and uncond calls)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    pipe = pipes["flux"]
+    module = pipe.transformer
+    call = _call(pipe, num_inference_steps=2, **TRUE_CFG)
+    cgkernels.patch(pipe, guidance="contrastive-cond", strength=1.5)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        eager = _run(pipe, call)
+        pipe.transformer = torch.compile(module, fullgraph=True, backend="eager")
+        compiled = _run(pipe, call)
+        assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+        assert counters["stats"]["unique_graphs"] == 2
+        scale = eager.abs().max().item()
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5 * scale)  # the same kernels, reassociated
+    finally:
+        pipe.transformer = module
+        cgkernels.unpatch(pipe)
+        torch._dynamo.reset()
+
+
+def test_adapters_trained_by_cgkernels_load_and_patch(tmp_path):
+    """cgkernels.train (sft: pos and neg) on a tiny Flux pipeline, its files loaded with load_lora_weights into a
+    fresh pipeline, patched, against the reference under true CFG."""
+    from diffusers import FluxPipeline
+
+    from cgkernels.train import TrainConfig, train
+    from train_testdata import make_pickapic
+
+    tiny_flux_pipeline(seed=5).save_pretrained(tmp_path / "flux")
+    make_pickapic(tmp_path / "pairs.parquet")
+    result = train(TrainConfig(
+        model=str(tmp_path / "flux"), dataset=str(tmp_path / "pairs.parquet"), output_dir=str(tmp_path / "out"),
+        objective="sft", resolution=32, batch_size=2, max_steps=2, lr=2e-2, checkpoint_every=0, progress=False,
+        rank=4, alpha=8.0, target_modules=FLUX_LORA_TARGETS, max_sequence_length=SEQ))
+    pipe = FluxPipeline.from_pretrained(str(tmp_path / "flux"))
+    pipe.set_progress_bar_config(disable=True)
+    for adapter in result["adapters"]:
+        pipe.load_lora_weights(str(tmp_path / "out" / adapter), adapter_name=adapter)
+    pipe.transformer.set_adapters(["pos", "neg"])
+    _check(pipe, "contrastive", _call(pipe, num_inference_steps=2, **TRUE_CFG), strength=4.0)
