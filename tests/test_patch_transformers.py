@@ -22,7 +22,7 @@ from cgkernels.testing import (
     tiny_flux_pipeline,
     tiny_sd3_pipeline,
 )
-from transformer_reference import TransformerReference
+from transformer_reference import reference_run
 
 SEQ = 8
 STEPS = 3
@@ -63,41 +63,17 @@ def _run(pipe, call: dict, **extra):
     return pipe(**call, **extra, generator=torch.Generator().manual_seed(0)).images
 
 
-class _Reference(TransformerReference):
-    """The reference, also recording what the fp32 rounding bound scales with: its transformer calls and the
-    largest |branch output|."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.calls, self.branch_scale = 0, 0.0
-
-    def _branch(self, *args, **kwargs):
-        out = super()._branch(*args, **kwargs)
-        self.branch_scale = max(self.branch_scale, out.abs().max().item())
-        return out
-
-    def forward(self, **kwargs):
-        self.calls += 1
-        return super().forward(**kwargs)
-
-
 def _reference(pipe, mode, call, **patch_kwargs):
     options = {k: v for k, v in patch_kwargs.items() if k in ("strength", "start", "stop", "merge_weight")}
-    ref = _Reference(pipe, mode, true_cfg_scale=_true_cfg_scale(call), **options)
-    with ref:
-        return _run(pipe, call, callback_on_step_end=ref.callback), ref
-
-
-def _true_cfg_scale(call):
-    return call.get("true_cfg_scale") if call.get("negative_prompt") is not None else None
+    return reference_run(pipe, mode, dict(call, generator=torch.Generator().manual_seed(0)), **options)
 
 
 def _cfg_scale(pipe, call):
-    """(CFG on, g): SD3's guidance_scale, Flux's true_cfg_scale."""
+    """(CFG on, g): SD3's guidance_scale, Flux's true_cfg_scale (with a negative prompt)."""
     if _is_sd3(pipe):
         return call["guidance_scale"] > 1, call["guidance_scale"]
-    g = _true_cfg_scale(call)
-    return g is not None and g > 1, g or 1.0
+    g = call.get("true_cfg_scale", 1.0) if call.get("negative_prompt") is not None else 1.0
+    return g > 1, g
 
 
 def _atol(pipe, ref, mode, call, **patch_kwargs) -> float:
