@@ -1,4 +1,5 @@
-"""`cgkernels.patch(pipe)`: every guidance branch of a Stable Diffusion (XL) pipeline in one batched UNet call.
+"""`cgkernels.patch(pipe)`: every guidance branch of a Stable Diffusion (XL), SD3 or Flux pipeline in one batched
+denoiser (UNet or transformer) call.
 
 The pipeline's `__call__` is untouched. The patch takes over `pipe.unet.forward` (an instance attribute, so
 `unpatch` restores the original exactly). Each UNet call from the pipeline's loop carries the CFG batch
@@ -31,6 +32,16 @@ plan, the routing) around a traceable core (expand, one UNet call, merge): `torc
 or `pipe.unet.compile()`, before or after `patch`, traces the core without graph breaks, one graph per distinct step
 plan and input shape, and CUDA-graph replays never skip the host's state updates. patch / unpatch act on the module
 under a compile wrapper. The denoiser's attribute and input names live in one `Denoiser` record.
+
+SD3 and Flux (one `Denoiser` record per family: attribute, latent input, output class, where the LoRA scale is
+passed, inputs never replicated, how a call maps onto the formula). SD3 is laid out like the UNet pipelines (one
+call per step over [uncond, cond], joint_attention_kwargs' "scale"); skip-layer guidance is refused. Flux is
+guidance-distilled: one call per step over the cond rows, eps = C + D (modes needing an unconditional prediction are
+refused), its guidance value replicated per branch like every batch-dim input, txt_ids / img_ids shared. With true
+CFG (true_cfg_scale > 1 and a negative prompt, locals of the pipeline's __call__, read from its frame) the pipeline
+makes two separate calls per step and mixes neg + G (cond - neg) itself: the cond call (told apart by the identity
+of its encoder_hidden_states, the frame's prompt_embeds) returns C + D / G, the uncond call U, each in one batched
+pass; steps are counted on cond calls.
 
 The patched UNet reads guidance_scale, guidance_rescale, do_classifier_free_guidance and the scheduler from the
 pipeline that calls it: `pipe`, or another supported pipeline sharing the UNet (e.g. built from pipe.components);

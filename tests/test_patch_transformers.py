@@ -292,3 +292,12 @@ def test_adapters_trained_by_cgkernels_load_and_patch(tmp_path):
         pipe.load_lora_weights(str(tmp_path / "out" / adapter), adapter_name=adapter)
     pipe.transformer.set_adapters(["pos", "neg"])
     _check(pipe, "contrastive", _call(pipe, num_inference_steps=2, **TRUE_CFG), strength=4.0)
+
+
+def test_flux_schnell_without_guidance_input():
+    """A FLUX.1-schnell-shaped transformer (no guidance embedding: the pipeline passes guidance=None)."""
+    pipe = _with_adapters(tiny_flux_pipeline(seed=4, guidance_embeds=False), FLUX_LORA_TARGETS)
+    rows = []
+    _check(pipe, "contrastive", _call(pipe, num_inference_steps=2), rows, strength=1.5)
+    assert rows == [3, 3]
+    _check(pipe, "npo", _call(pipe, num_inference_steps=2, **TRUE_CFG), strength=1.5, merge_weight=0.25)
