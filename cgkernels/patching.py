@@ -257,14 +257,16 @@ def patch(
     stop: float = 1.0,
     merge_weight: float = 0.0,
 ):
-    """Make `pipe` run preference guidance in one batched UNet pass per step. Returns `pipe`.
+    """Make `pipe` run preference guidance in one batched UNet / transformer pass per step (per call of Flux's
+    true CFG, which makes two). Returns `pipe`.
 
     guidance: "contrastive" | "contrastive-cond" | "pgd" | "npo" | "merged" | "cfg" (see cgkernels.guidance).
     positive / negative: names of LoRA adapters loaded with pipe.load_lora_weights(..., adapter_name=...).
     strength s, guided window [start, stop) as fractions of the step count, NPO's merge_weight.
     Adapters enter at their configured scale (set_adapters weights are ignored, except by mode "cfg"), are read
-    now (patch after loading them), and only UNet adapters are branch-specific: see the module docstring.
-    The UNet may be compiled before or after patching (torch.compile(pipe.unet) or pipe.unet.compile()).
+    now (patch after loading them), and only UNet / transformer adapters are branch-specific: see the module
+    docstring. The UNet / transformer may be compiled before or after patching (torch.compile(pipe.unet) or
+    pipe.unet.compile()). Flux: guidance="npo" / "contrastive-cond" need true CFG (a ValueError at the call says so).
     """
     check_pipeline(pipe)
     if is_patched(pipe):
