@@ -301,3 +301,31 @@ def test_flux_schnell_without_guidance_input():
     _check(pipe, "contrastive", _call(pipe, num_inference_steps=2), rows, strength=1.5)
     assert rows == [3, 3]
     _check(pipe, "npo", _call(pipe, num_inference_steps=2, **TRUE_CFG), strength=1.5, merge_weight=0.25)
+
+
+def test_flux_lora_scale_and_a_pipeline_sharing_the_patched_transformer(pipes):
+    """joint_attention_kwargs' LoRA scale on both true-CFG calls; an img2img pipeline built from the patched
+    pipeline's components follows its own call (true CFG, shortened schedule)."""
+    from diffusers import FluxImg2ImgPipeline
+
+    pipe = pipes["flux"]
+    expected, ref = _reference(pipe, "npo", _call(pipe, joint_attention_kwargs={"scale": 0.5}, **TRUE_CFG),
+                               strength=1.5)
+    # (the reference folds the scale into its set_adapters weights; the patch applies it to every adapter delta)
+    img2img = FluxImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    shared_call = _call(pipe, image=image, strength=0.7, num_inference_steps=4, **TRUE_CFG)
+    shared_expected, shared_ref = _reference(img2img, "npo", shared_call, strength=1.5)
+    cgkernels.patch(pipe, guidance="npo", strength=1.5)
+    try:
+        out = _run(pipe, _call(pipe, joint_attention_kwargs={"scale": 0.5}, **TRUE_CFG))
+        shared = _run(img2img, shared_call)
+    finally:
+        cgkernels.unpatch(pipe)
+    atol = _atol(pipe, ref, "npo", _call(pipe, **TRUE_CFG), strength=1.5)
+    torch.testing.assert_close(out, expected, rtol=0, atol=atol)
+    unscaled, _ = _reference(pipe, "npo", _call(pipe, **TRUE_CFG), strength=1.5)
+    assert (out - unscaled).abs().max() > 10 * atol  # the scale matters
+    torch.testing.assert_close(shared, shared_expected, rtol=0,
+                               atol=_atol(img2img, shared_ref, "npo", shared_call, strength=1.5))
