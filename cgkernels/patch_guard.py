@@ -137,10 +137,11 @@ def _user_stamp(layer) -> tuple:
 class AdapterGuard:
     """Version stamps of pipe.unet's adapters at patch time, compared on the host before guided UNet calls."""
 
-    def __init__(self, unet, layers, *, watch_user_settings: bool):
+    def __init__(self, unet, layers, *, watch_user_settings: bool, attr: str = "unet"):
         """layers: [(name, peft LoRA layer)] of the UNet; watch_user_settings: the mode runs the user's active
         adapters and set_adapters weights (mode "cfg"), so changes to those matter too."""
         self.unet = unet
+        self.attr = attr  # the pipeline attribute holding the model (unet, transformer), for messages
         self.configs = dict(getattr(unet, "peft_config", None) or {})
         self.layers = []
         for name, layer in layers:
@@ -167,7 +168,7 @@ class AdapterGuard:
         reloaded = sorted(k for k in set(now) & set(self.configs) if now[k] is not self.configs[k])
         what = "; ".join(f"{label}: {names}" for label, names in
                          (("loaded", added), ("deleted", deleted), ("reloaded", reloaded)) if names)
-        raise ValueError(f"pipe.unet's LoRA adapters changed after cgkernels.patch ({what}); the patch runs the "
+        raise ValueError(f"pipe.{self.attr}'s LoRA adapters changed after cgkernels.patch ({what}); the patch runs the "
                          "adapters as they were at patch time: call cgkernels.unpatch(pipe) and patch again")
 
     def _check_layers(self) -> None:
@@ -175,8 +176,8 @@ class AdapterGuard:
             layer = stamp.layer
             if layer.merged_adapters:  # a plain list attribute: cheap
                 raise ValueError(
-                    f"adapters {list(layer.merged_adapters)} were fused into pipe.unet's base weights (fuse_lora) "
-                    f"after cgkernels.patch ({stamp.name}); the patched UNet would apply them twice: call "
+                    f"adapters {list(layer.merged_adapters)} were fused into pipe.{self.attr}'s base weights "
+                    f"(fuse_lora) after cgkernels.patch ({stamp.name}); the patched model would apply them twice: call "
                     "pipe.unfuse_lora(), or cgkernels.unpatch(pipe) to use the fused pipeline")
             if stamp.factor_stamp() != stamp.factors:
                 raise ValueError(

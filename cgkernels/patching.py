@@ -312,7 +312,7 @@ def patch(
         previous_forward=module.__dict__.get("forward"),
         original_forward=original_forward,
         signature=signature,
-        guard=AdapterGuard(module, lora_layers(module), watch_user_settings=config.mode == "cfg"),
+        guard=AdapterGuard(module, lora_layers(module), watch_user_settings=config.mode == "cfg", attr=denoiser.attr),
     )
     state.patched_forward = _host_forward(pipe, state)
     module.forward = state.patched_forward

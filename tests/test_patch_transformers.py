@@ -244,6 +244,15 @@ def test_refused_modes_and_pipelines(pipes):
         flux.transformer.to(torch.float32)
     with pytest.raises(ValueError, match="adapter 'missing' is not loaded on pipe.transformer"):
         cgkernels.patch(flux, guidance="pgd", positive="missing")
+    cgkernels.patch(sd3, guidance="contrastive")
+    try:  # the patch guards apply to transformers: an adapter loaded after patching is refused at the next call
+        add_random_lora(sd3, "late", rank=2, seed=9, target_modules=("to_q",))
+        with pytest.raises(ValueError, match="pipe.transformer's LoRA adapters changed after cgkernels.patch"):
+            _run(sd3, _call(sd3, num_inference_steps=1))
+    finally:
+        cgkernels.unpatch(sd3)
+        sd3.transformer.delete_adapters("late")
+        sd3.transformer.set_adapters(["pos", "neg"])
 
 
 def test_compiled_flux_transformer_has_no_graph_breaks(pipes):
