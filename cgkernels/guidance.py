@@ -21,12 +21,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["MODES", "GuidanceConfig", "Branch", "RowPlan", "mode_mixes", "row_plan", "is_guided_step"]
+__all__ = ["MODES", "NEEDS_UNCOND", "GuidanceConfig", "Branch", "RowPlan", "mode_mixes", "row_plan",
+           "two_call_cfg_plan", "is_guided_step"]
 
 MODES = ("contrastive", "contrastive-cond", "pgd", "npo", "merged", "cfg")
 
 # Mix names used by the patch (internal; adapter names are the user's).
 POSITIVE, NEGATIVE, NPO_UNCOND, MERGED, USER = "positive", "negative", "npo_uncond", "merged", "user"
+
+# Modes whose guidance acts through the unconditional prediction: without one (a guidance-distilled model such as
+# FLUX.1-dev run without true CFG) npo has nothing to act on and contrastive-cond is plain contrastive.
+NEEDS_UNCOND = ("contrastive-cond", "npo")
 
 UNCOND, COND = 0, 1  # index of the prompt half in the pipeline's CFG batch [uncond x B, cond x B]
 
@@ -155,6 +160,24 @@ def row_plan(config: GuidanceConfig, *, cfg: bool, guidance_scale: float, user_m
         if coeff.get(Branch(prompt, mix), 0.0) != 0.0 or ref.get(Branch(prompt, mix), 0.0) != 0.0
     ]
     return RowPlan(tuple(branches), tuple(coeff[b] for b in branches), tuple(ref[b] for b in branches))
+
+
+def two_call_cfg_plan(config: GuidanceConfig, *, prompt: int, guidance_scale: float,
+                      user_mix: str | None = None) -> RowPlan:
+    """The branches of ONE of the two denoiser calls of a pipeline that runs CFG as separate calls and mixes their
+    outputs as U' + g (C' - U') (Flux's true CFG): the uncond call (prompt=UNCOND) returns U' = U, the cond call
+    C' = C + D / g, so that the pipeline's mix is the mode's (1 - g) U + g C + D. No guidance rescale (ref_coeffs 0).
+    """
+    g = float(guidance_scale)
+    if not g > 1.0:
+        raise ValueError(f"two-call CFG needs a guidance scale > 1, got {g}")
+    uncond, cond, extra = _terms(config, user_mix)
+    terms = uncond if prompt == UNCOND else cond + [(p, m, w / g) for p, m, w in extra]
+    coeff: dict[str | None, float] = {}
+    for _, mix, w in terms:
+        coeff[mix] = coeff.get(mix, 0.0) + w
+    branches = tuple(Branch(prompt, mix) for mix, c in coeff.items() if c != 0.0)
+    return RowPlan(branches, tuple(coeff[b.mix] for b in branches), (0.0,) * len(branches))
 
 
 def is_guided_step(step: int, num_steps: int, start: float, stop: float) -> bool:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["SUPPORTED_PIPELINES", "SUPPORTED_DTYPES", "supported_pipeline_classes", "check_pipeline",
-           "check_dtype", "check_offload", "calling_pipeline", "AdapterGuard"]
+           "check_dtype", "check_offload", "calling_pipeline", "calling_pipeline_locals", "AdapterGuard"]
 
 # diffusers pipelines whose denoising loop calls the UNet once per step on the CFG batch [uncond, cond], with every
 # batch-dim input (latents, masked-image latents, added conditioning, IP-Adapter image embeds, ControlNet residuals)
@@ -43,6 +43,13 @@ SUPPORTED_PIPELINES = (
     "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline",
     "StableDiffusionXLControlNetPipeline",
+    # Transformer (DiT) pipelines (tests/test_patch_transformers.py): SD3 calls its transformer once per step on the
+    # CFG batch like the UNet pipelines; Flux once per step on the cond rows, plus a separate uncond call under
+    # true CFG (each call runs its own branches, see cgkernels.patching).
+    "StableDiffusion3Pipeline",
+    "StableDiffusion3Img2ImgPipeline",
+    "FluxPipeline",
+    "FluxImg2ImgPipeline",
 )
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -65,11 +72,12 @@ def check_pipeline(pipe, role: str = "cgkernels.patch") -> None:
         raise ValueError(f"{role} supports {', '.join(SUPPORTED_PIPELINES)}; got {type(pipe).__name__}")
 
 
-def check_dtype(unet) -> None:
-    dtype = unet.dtype
+def check_dtype(model, attr: str = "unet") -> None:
+    """attr: the pipeline attribute holding `model` (unet, transformer), for the message."""
+    dtype = model.dtype
     if dtype not in SUPPORTED_DTYPES:
         names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
-        raise ValueError(f"pipe.unet is {str(dtype).replace('torch.', '')}; cgkernels.patch supports {names} "
+        raise ValueError(f"pipe.{attr} is {str(dtype).replace('torch.', '')}; cgkernels.patch supports {names} "
                          "pipelines (cast it, e.g. pipe.to(torch.float32), before patching)")
 
 
@@ -94,19 +102,29 @@ def check_offload(module, attr: str = "unet") -> None:
 
 def calling_pipeline():
     """The diffusers pipeline whose method called the UNet (its frame's `self`), or None for a direct call."""
+    return _pipeline_frame(sys._getframe(1))[0]  # from our caller up
+
+
+def calling_pipeline_locals():
+    """(pipeline, a snapshot of its calling method's local variables), or (None, None) for a direct call. Flux's
+    true CFG is a local of `__call__` (`do_true_cfg`, `true_cfg_scale`), stored nowhere else."""
+    return _pipeline_frame(sys._getframe(1))
+
+
+def _pipeline_frame(frame):
     from diffusers import DiffusionPipeline
 
-    frame = sys._getframe(1)  # from our caller up
     for _ in range(_MAX_CALLER_FRAMES):
         if frame is None:
-            return None
+            return None, None
         code = frame.f_code
         if code.co_argcount and code.co_varnames[0] == "self":
-            owner = frame.f_locals.get("self")
+            local_vars = frame.f_locals
+            owner = local_vars.get("self")
             if isinstance(owner, DiffusionPipeline):
-                return owner
+                return owner, local_vars
         frame = frame.f_back
-    return None
+    return None, None
 
 
 @dataclass
@@ -138,10 +156,11 @@ def _user_stamp(layer) -> tuple:
 class AdapterGuard:
     """Version stamps of pipe.unet's adapters at patch time, compared on the host before guided UNet calls."""
 
-    def __init__(self, unet, layers, *, watch_user_settings: bool):
+    def __init__(self, unet, layers, *, watch_user_settings: bool, attr: str = "unet"):
         """layers: [(name, peft LoRA layer)] of the UNet; watch_user_settings: the mode runs the user's active
         adapters and set_adapters weights (mode "cfg"), so changes to those matter too."""
         self.unet = unet
+        self.attr = attr  # the pipeline attribute holding the model (unet, transformer), for messages
         self.configs = dict(getattr(unet, "peft_config", None) or {})
         self.layers = []
         for name, layer in layers:
@@ -168,7 +187,7 @@ class AdapterGuard:
         reloaded = sorted(k for k in set(now) & set(self.configs) if now[k] is not self.configs[k])
         what = "; ".join(f"{label}: {names}" for label, names in
                          (("loaded", added), ("deleted", deleted), ("reloaded", reloaded)) if names)
-        raise ValueError(f"pipe.unet's LoRA adapters changed after cgkernels.patch ({what}); the patch runs the "
+        raise ValueError(f"pipe.{self.attr}'s LoRA adapters changed after cgkernels.patch ({what}); the patch runs the "
                          "adapters as they were at patch time: call cgkernels.unpatch(pipe) and patch again")
 
     def _check_layers(self) -> None:
@@ -176,8 +195,8 @@ class AdapterGuard:
             layer = stamp.layer
             if layer.merged_adapters:  # a plain list attribute: cheap
                 raise ValueError(
-                    f"adapters {list(layer.merged_adapters)} were fused into pipe.unet's base weights (fuse_lora) "
-                    f"after cgkernels.patch ({stamp.name}); the patched UNet would apply them twice: call "
+                    f"adapters {list(layer.merged_adapters)} were fused into pipe.{self.attr}'s base weights "
+                    f"(fuse_lora) after cgkernels.patch ({stamp.name}); the patched model would apply them twice: call "
                     "pipe.unfuse_lora(), or cgkernels.unpatch(pipe) to use the fused pipeline")
             if stamp.factor_stamp() != stamp.factors:
                 raise ValueError(

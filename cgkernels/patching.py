@@ -1,4 +1,5 @@
-"""`cgkernels.patch(pipe)`: every guidance branch of a Stable Diffusion (XL) pipeline in one batched UNet call.
+"""`cgkernels.patch(pipe)`: every guidance branch of a Stable Diffusion (XL), SD3 or Flux pipeline in one batched
+denoiser (UNet or transformer) call.
 
 The pipeline's `__call__` is untouched. The patch takes over `pipe.unet.forward` (an instance attribute, so
 `unpatch` restores the original exactly). Each UNet call from the pipeline's loop carries the CFG batch
@@ -32,6 +33,16 @@ or `pipe.unet.compile()`, before or after `patch`, traces the core without graph
 plan and input shape, and CUDA-graph replays never skip the host's state updates. patch / unpatch act on the module
 under a compile wrapper. The denoiser's attribute and input names live in one `Denoiser` record.
 
+SD3 and Flux (one `Denoiser` record per family: attribute, latent input, output class, where the LoRA scale is
+passed, inputs never replicated, how a call maps onto the formula). SD3 is laid out like the UNet pipelines (one
+call per step over [uncond, cond], joint_attention_kwargs' "scale"); skip-layer guidance is refused. Flux is
+guidance-distilled: one call per step over the cond rows, eps = C + D (modes needing an unconditional prediction are
+refused), its guidance value replicated per branch like every batch-dim input, txt_ids / img_ids shared. With true
+CFG (true_cfg_scale > 1 and a negative prompt, locals of the pipeline's __call__, read from its frame) the pipeline
+makes two separate calls per step and mixes neg + G (cond - neg) itself: the cond call (told apart by the identity
+of its encoder_hidden_states, the frame's prompt_embeds) returns C + D / G, the uncond call U, each in one batched
+pass; steps are counted on cond calls.
+
 The patched UNet reads guidance_scale, guidance_rescale, do_classifier_free_guidance and the scheduler from the
 pipeline that calls it: `pipe`, or another supported pipeline sharing the UNet (e.g. built from pipe.components);
 direct UNet calls read them from `pipe`. Adapters changed, fused or deleted after patching, and unsupported
@@ -48,7 +59,18 @@ from typing import Callable
 
 import torch
 
-from cgkernels.guidance import USER, GuidanceConfig, RowPlan, is_guided_step, mode_mixes, row_plan
+from cgkernels.guidance import (
+    COND,
+    NEEDS_UNCOND,
+    UNCOND,
+    USER,
+    GuidanceConfig,
+    RowPlan,
+    is_guided_step,
+    mode_mixes,
+    row_plan,
+    two_call_cfg_plan,
+)
 from cgkernels.lora_layers import (
     SegmentRouter,
     SegmentRouting,
@@ -60,7 +82,7 @@ from cgkernels.lora_layers import (
 from cgkernels.ops import guidance_merge
 from cgkernels.patch_guard import (
     AdapterGuard,
-    calling_pipeline,
+    calling_pipeline_locals,
     check_dtype,
     check_offload,
     check_pipeline,
@@ -78,21 +100,115 @@ def _unet_output(sample: torch.Tensor):
     return UNet2DConditionOutput(sample=sample)
 
 
+def _transformer_output(sample: torch.Tensor):
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=sample)
+
+
+@dataclass(frozen=True)
+class _CallLayout:
+    """How one denoiser call of the pipeline maps onto the mode's formula eps = (1 - g) U + g C + D, decided on the
+    host from the calling pipeline.
+
+    kind: "cfg" (the batch is [uncond, cond], merged here), "cond" (cond rows only, eps = C + D), or one of the two
+    calls of a pipeline that mixes separate uncond / cond calls itself (Flux true CFG): "two_call_uncond" (returns
+    U), "two_call_cond" (returns C + D / g). starts_step: this call is the first denoiser call of its step."""
+
+    kind: str
+    guidance_scale: float = 1.0
+    rescale: float = 0.0
+    starts_step: bool = True
+
+    @property
+    def halves(self) -> int:
+        return 2 if self.kind == "cfg" else 1
+
+
+def _cfg_batch_layout(pipe, caller_locals, inputs: dict, config: GuidanceConfig) -> _CallLayout:
+    """UNet and SD3 pipelines: one call per step over [uncond, cond] with CFG, over [cond] without."""
+    if not pipe.do_classifier_free_guidance:
+        return _CallLayout("cond")
+    rescale = float(getattr(pipe, "_guidance_rescale", 0.0) or 0.0)
+    return _CallLayout("cfg", float(pipe.guidance_scale), rescale)
+
+
+def _sd3_layout(pipe, caller_locals, inputs: dict, config: GuidanceConfig) -> _CallLayout:
+    # Skip-layer guidance adds a cond-only call through a transformer with some blocks skipped: not a branch the
+    # patch can merge exactly. Refused at the first call when the pipeline's frame shows it, else at that call.
+    skip = inputs.get("skip_layers")
+    if skip is None and caller_locals is not None:
+        skip = caller_locals.get("skip_guidance_layers")
+    if skip is not None:
+        raise ValueError("cgkernels.patch does not support SD3 skip-layer guidance (skip_guidance_layers="
+                         f"{list(skip)}): call the pipeline with skip_guidance_layers=None")
+    return _cfg_batch_layout(pipe, caller_locals, inputs, config)
+
+
+def _flux_layout(pipe, caller_locals, inputs: dict, config: GuidanceConfig) -> _CallLayout:
+    """Flux: one call per step over the cond rows (the distilled guidance value is an input, replicated per branch);
+    with true CFG (true_cfg_scale > 1 and a negative prompt) a second, separate call per step over the negative
+    prompt's rows, which the pipeline mixes as neg + G (cond - neg). Which call this is comes from the identity of
+    its encoder_hidden_states: the pipeline passes the same prompt_embeds / negative_prompt_embeds tensors every
+    step. A direct transformer call (no pipeline frame) is a cond call without true CFG."""
+    if caller_locals is None or not _flux_true_cfg(caller_locals):
+        if config.mode in NEEDS_UNCOND:
+            raise ValueError(
+                f"guidance={config.mode!r} needs an unconditional prediction, which a guidance-distilled Flux "
+                "model has only under true CFG: call the pipeline with true_cfg_scale > 1 and a negative_prompt"
+                + (" (without one, contrastive-cond is guidance='contrastive')" if config.mode != "npo" else ""))
+        return _CallLayout("cond")
+    g = float(caller_locals["true_cfg_scale"])
+    text = inputs.get("encoder_hidden_states")
+    is_cond = text is caller_locals.get("prompt_embeds")
+    is_uncond = text is caller_locals.get("negative_prompt_embeds")
+    if is_cond == is_uncond:
+        raise ValueError("cannot tell the cond and uncond transformer calls of Flux true CFG apart: pass distinct "
+                         "prompt_embeds and negative_prompt_embeds tensors (identical ones make true CFG a no-op)")
+    return _CallLayout("two_call_cond" if is_cond else "two_call_uncond", g, starts_step=is_cond)
+
+
+def _flux_true_cfg(caller_locals: dict) -> bool:
+    if "do_true_cfg" not in caller_locals or "true_cfg_scale" not in caller_locals:
+        raise ValueError("cgkernels.patch cannot read true CFG (do_true_cfg, true_cfg_scale) from this diffusers "
+                         "version's Flux pipeline call; it supports the FluxPipeline loop of diffusers 0.42")
+    return bool(caller_locals["do_true_cfg"])
+
+
 @dataclass(frozen=True)
 class Denoiser:
-    """Where a pipeline keeps its denoiser, the name of its batched latent input and how it wraps its output: the
-    one place another model family (e.g. an SD3/Flux `transformer` taking `hidden_states`) plugs in."""
+    """Where a pipeline keeps its denoiser, the name of its batched latent input, how it wraps its output, where
+    diffusers passes the LoRA `scale`, which inputs are never batch-dim, and how a call maps onto the guidance
+    formula: the one place a model family plugs in."""
 
     attr: str
     sample_arg: str
     make_output: Callable[[torch.Tensor], object]
+    attention_kwargs_arg: str = "cross_attention_kwargs"
+    static_args: tuple[str, ...] = ()  # not replicated per branch even if dim 0 happens to equal the batch
+    layout: Callable[..., _CallLayout] = _cfg_batch_layout
 
 
 UNET = Denoiser(attr="unet", sample_arg="sample", make_output=_unet_output)
+SD3_TRANSFORMER = Denoiser(attr="transformer", sample_arg="hidden_states", make_output=_transformer_output,
+                           attention_kwargs_arg="joint_attention_kwargs", layout=_sd3_layout)
+# txt_ids [T, 3] / img_ids [N, 3]: position ids, shared by every row (T may equal the batch size).
+FLUX_TRANSFORMER = Denoiser(attr="transformer", sample_arg="hidden_states", make_output=_transformer_output,
+                            attention_kwargs_arg="joint_attention_kwargs", static_args=("txt_ids", "img_ids"),
+                            layout=_flux_layout)
+_TRANSFORMER_DENOISERS = {"SD3Transformer2DModel": SD3_TRANSFORMER, "FluxTransformer2DModel": FLUX_TRANSFORMER}
 
 
 def _denoiser_of(pipe) -> Denoiser:
-    return UNET  # every supported pipeline class is UNet-based
+    """check_pipeline has accepted the class: UNet pipelines, or SD3 / Flux ones (told apart by their transformer)."""
+    if hasattr(pipe, "unet"):
+        return UNET
+    model = unwrap_model(pipe.transformer)
+    denoiser = _TRANSFORMER_DENOISERS.get(type(model).__name__)
+    if denoiser is None:
+        raise ValueError(f"cgkernels.patch supports SD3 and Flux transformers; pipe.transformer is a "
+                         f"{type(model).__name__}")
+    return denoiser
 
 
 @dataclass(frozen=True)
@@ -142,14 +258,16 @@ def patch(
     stop: float = 1.0,
     merge_weight: float = 0.0,
 ):
-    """Make `pipe` run preference guidance in one batched UNet pass per step. Returns `pipe`.
+    """Make `pipe` run preference guidance in one batched UNet / transformer pass per step (per call of Flux's
+    true CFG, which makes two). Returns `pipe`.
 
     guidance: "contrastive" | "contrastive-cond" | "pgd" | "npo" | "merged" | "cfg" (see cgkernels.guidance).
     positive / negative: names of LoRA adapters loaded with pipe.load_lora_weights(..., adapter_name=...).
     strength s, guided window [start, stop) as fractions of the step count, NPO's merge_weight.
     Adapters enter at their configured scale (set_adapters weights are ignored, except by mode "cfg"), are read
-    now (patch after loading them), and only UNet adapters are branch-specific: see the module docstring.
-    The UNet may be compiled before or after patching (torch.compile(pipe.unet) or pipe.unet.compile()).
+    now (patch after loading them), and only UNet / transformer adapters are branch-specific: see the module
+    docstring. The UNet / transformer may be compiled before or after patching (torch.compile(pipe.unet) or
+    pipe.unet.compile()). Flux: guidance="npo" / "contrastive-cond" need true CFG (a ValueError at the call says so).
     """
     check_pipeline(pipe)
     if is_patched(pipe):
@@ -173,7 +291,7 @@ def patch(
             f"to compile, compile the module (torch.compile(pipe.{denoiser.attr}) or pipe.{denoiser.attr}.compile()), "
             "before or after patching"
         )
-    check_dtype(module)
+    check_dtype(module, denoiser.attr)
     loaded = loaded_adapters(module)
     for adapter in config.adapters_used():
         if adapter not in loaded:
@@ -197,7 +315,7 @@ def patch(
         own_forward=module.__dict__.get(slot),
         original_forward=original_forward,
         signature=signature,
-        guard=AdapterGuard(module, lora_layers(module), watch_user_settings=config.mode == "cfg"),
+        guard=AdapterGuard(module, lora_layers(module), watch_user_settings=config.mode == "cfg", attr=denoiser.attr),
     )
     state.patched_forward = _host_forward(pipe, state)
     setattr(module, slot, state.patched_forward)
@@ -265,7 +383,7 @@ def _user_active_adapters(unet) -> list[str]:
 # calls nothing else that is not itself disabled (a callee frame would be traced and guard on the step counter).
 def _host_forward(pipe, state: _PatchState):
     router = state.router
-    core = _core_forward(state.original_forward)
+    core = _core_forward(state.original_forward, state.denoiser.static_args)
 
     @torch.compiler.disable(recursive=False)
     def patched_forward(*args, **kwargs):
@@ -282,14 +400,15 @@ def _host_forward(pipe, state: _PatchState):
     return patched_forward
 
 
-def _core_forward(original_forward):
+def _core_forward(original_forward, static_args: tuple[str, ...]):
     """The traceable part: expand the CFG batch to the branch rows, one denoiser call, merge the branches."""
 
     def core(inputs: dict, plan: _StepPlan) -> torch.Tensor:
         if plan.blocks is None:  # unguided step: the pipeline's rows through the base model
             return original_forward(**inputs, return_dict=False)[0]
         rows = plan.batch * plan.halves
-        expanded = {k: _expand(v, rows, plan.batch, plan.blocks) for k, v in inputs.items()}
+        expanded = {k: v if k in static_args else _expand(v, rows, plan.batch, plan.blocks)
+                    for k, v in inputs.items()}
         out = original_forward(**expanded, return_dict=False)[0]
         preds = out.view(len(plan.blocks), plan.batch, *out.shape[1:])
         eps = guidance_merge(preds, plan.coeffs, rescale=plan.rescale, ref_coeffs=plan.ref_coeffs)
@@ -305,89 +424,98 @@ def _finish_call(denoiser: Denoiser, eps: torch.Tensor, return_dict: bool):
 
 @torch.compiler.disable
 def _prepare_call(pipe, state: _PatchState, args, kwargs) -> tuple[dict, _StepPlan, bool]:
-    """Host bookkeeping of one UNet call: refuse adapters changed since patch time, find the pipeline whose guidance
-    settings apply (`pipe` or another pipeline sharing the UNet), bind the inputs, count the step, choose the plan."""
+    """Host bookkeeping of one denoiser call: refuse adapters changed since patch time, find the pipeline whose
+    guidance settings apply (`pipe` or another pipeline sharing the denoiser), bind the inputs, tell what the call
+    is (the family's layout), count the step, choose the plan."""
     check_offload(state.module, state.denoiser.attr)
-    caller = calling_pipeline()
+    caller, caller_locals = calling_pipeline_locals()
     state.guard.check(caller)
     pipe = guidance_pipeline(pipe, caller)
+    denoiser = state.denoiser
     inputs = dict(state.signature.bind(*args, **kwargs).arguments)
     return_dict = inputs.pop("return_dict", True)
-    lora_scale = _pop_lora_scale(inputs)
-    rows = inputs[state.denoiser.sample_arg].shape[0]
-    cfg = bool(pipe.do_classifier_free_guidance)
-    halves = 2 if cfg else 1
-    if rows % halves:
-        raise ValueError(f"UNet batch of {rows} rows cannot be the pipeline's CFG batch [uncond, cond]")
-    batch = rows // halves
+    lora_scale = _pop_lora_scale(inputs, denoiser.attention_kwargs_arg)
+    call = denoiser.layout(pipe, caller_locals, inputs, state.config)
+    rows = inputs[denoiser.sample_arg].shape[0]
+    if rows % call.halves:
+        raise ValueError(f"{denoiser.attr} batch of {rows} rows cannot be the pipeline's CFG batch [uncond, cond]")
+    batch = rows // call.halves
 
-    step, num_steps = _current_step(pipe, state)
+    step, num_steps = _current_step(pipe, state, call.starts_step)
     guided = num_steps is None or is_guided_step(step, num_steps, state.config.start, state.config.stop)
-    if not guided:
-        key = ("base", rows)
-    else:
-        guidance_scale = float(pipe.guidance_scale)
-        rescale = float(getattr(pipe, "_guidance_rescale", 0.0) or 0.0) if cfg else 0.0
-        key = (cfg, guidance_scale, rescale, batch, lora_scale)
+    key = ("base", rows) if not guided else (call, batch, lora_scale)
     step_plan = state.step_plans.get(key)
     if step_plan is None:
         if not guided:
-            step_plan = _StepPlan(state.router.plan([(rows, None)]), batch, halves, None)
+            step_plan = _StepPlan(state.router.plan([(rows, None)]), batch, call.halves, None)
         else:
-            step_plan = _guided_step_plan(state, cfg, guidance_scale, rescale, batch, lora_scale)
+            step_plan = _guided_step_plan(state, call, batch, lora_scale)
         state.step_plans[key] = step_plan
     return inputs, step_plan, return_dict
 
 
-def _guided_step_plan(state: _PatchState, cfg: bool, guidance_scale: float, rescale: float, batch: int,
-                      lora_scale: float) -> _StepPlan:
-    plan = _plan(state, cfg, guidance_scale)
-    halves = 2 if cfg else 1
+def _guided_step_plan(state: _PatchState, call: _CallLayout, batch: int, lora_scale: float) -> _StepPlan:
+    plan = _plan(state, call.kind, call.guidance_scale)
     return _StepPlan(
         routing=state.router.plan(plan.routing(batch), lora_scale),
         batch=batch,
-        halves=halves,
-        blocks=tuple(plan.input_blocks(cfg)),
+        halves=call.halves,
+        blocks=tuple(plan.input_blocks(call.kind == "cfg")),
         coeffs=tuple(plan.coeffs),
         ref_coeffs=tuple(plan.ref_coeffs),
-        rescale=rescale,
+        rescale=call.rescale if call.kind == "cfg" else 0.0,
     )
 
 
-def _current_step(pipe, state: _PatchState) -> tuple[int, int | None]:
-    """(k, N): the scheduler step of this UNet call and the pipeline's number of scheduler steps.
+def _current_step(pipe, state: _PatchState, starts_step: bool = True) -> tuple[int, int | None]:
+    """(k, N): the scheduler step of this denoiser call and the pipeline's number of scheduler steps.
 
-    A scheduler of order 2 (Heun, KDPM2) makes two UNet calls per step, and its timesteps list holds them all."""
+    A scheduler of order 2 (Heun, KDPM2) makes two UNet calls per step, and its timesteps list holds them all.
+    starts_step=False: a second call of the same step (Flux true CFG's uncond call) is not counted again."""
     timesteps = getattr(pipe.scheduler, "timesteps", None)
     if timesteps is not state.timesteps_ref:  # a new pipeline call set new timesteps
         state.timesteps_ref = timesteps  # keeping the reference also keeps its id from being reused
         state.step = 0
+    if not starts_step:
+        if state.step == 0:
+            raise ValueError("a Flux true-CFG uncond transformer call came before the step's cond call")
+        return _step_of(pipe, state.step - 1)
     call = state.step
     state.step += 1
+    return _step_of(pipe, call)
+
+
+def _step_of(pipe, call: int) -> tuple[int, int | None]:
     order = int(getattr(pipe.scheduler, "order", 1) or 1)
     num_calls = getattr(pipe, "_num_timesteps", None)
     return call // order, None if num_calls is None else -(-num_calls // order)
 
 
-def _pop_lora_scale(inputs: dict) -> float:
-    """Take diffusers' LoRA `scale` out of cross_attention_kwargs: the segmented layers apply it per routing,
-    and the UNet's own handling would rewrite peft's `scaling` of the active adapters during the call."""
-    kwargs = inputs.get("cross_attention_kwargs")
+def _pop_lora_scale(inputs: dict, arg: str) -> float:
+    """Take diffusers' LoRA `scale` out of cross_attention_kwargs (UNet) / joint_attention_kwargs (SD3, Flux): the
+    segmented layers apply it per routing, and the model's own handling would rewrite peft's `scaling` of the
+    active adapters during the call."""
+    kwargs = inputs.get(arg)
     if not kwargs or "scale" not in kwargs:
         return 1.0
     kwargs = dict(kwargs)
     scale = kwargs.pop("scale")
-    inputs["cross_attention_kwargs"] = kwargs
+    inputs[arg] = kwargs
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"cross_attention_kwargs['scale'] must be a finite number, got {scale!r}")
+        raise ValueError(f"{arg}['scale'] must be a finite number, got {scale!r}")
     return float(scale)
 
 
-def _plan(state: _PatchState, cfg: bool, guidance_scale: float) -> RowPlan:
-    key = (cfg, guidance_scale)
+def _plan(state: _PatchState, kind: str, guidance_scale: float) -> RowPlan:
+    key = (kind, guidance_scale)
     plan = state.plans.get(key)
     if plan is None:
-        plan = row_plan(state.config, cfg=cfg, guidance_scale=guidance_scale, user_mix=state.user_mix)
+        if kind in ("cfg", "cond"):
+            plan = row_plan(state.config, cfg=kind == "cfg", guidance_scale=guidance_scale, user_mix=state.user_mix)
+        else:
+            prompt = COND if kind == "two_call_cond" else UNCOND
+            plan = two_call_cfg_plan(state.config, prompt=prompt, guidance_scale=guidance_scale,
+                                     user_mix=state.user_mix)
         state.plans[key] = plan
     return plan
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import cgkernels
-from cgkernels.guidance import COND, UNCOND, GuidanceConfig, is_guided_step, row_plan
+from cgkernels.guidance import COND, UNCOND, GuidanceConfig, is_guided_step, row_plan, two_call_cfg_plan
 from cgkernels.testing import add_random_lora, fp32_merge_atol, tiny_sd_pipeline
 
 def test_row_counts_and_coefficients():
@@ -19,6 +19,23 @@ def test_row_counts_and_coefficients():
     pgd_full = row_plan(GuidanceConfig(mode="pgd", strength=1.0), cfg=True, guidance_scale=5.0)
     assert [b.mix for b in pgd_full.branches] == ["positive", "positive"]  # s = 1: the base rows drop out
     assert [b.prompt for b in pgd_full.branches] == [UNCOND, COND]
+
+@pytest.mark.parametrize("mode", ["contrastive", "contrastive-cond", "pgd", "npo", "merged", "cfg"])
+def test_two_call_cfg_plans_mix_into_the_one_call_plan(mode):
+    """Flux true CFG: the pipeline mixes its uncond call U' and cond call C' as U' + g (C' - U'); with the two
+    plans' coefficients that must be exactly the one-call CFG plan's coefficients per branch."""
+    config = GuidanceConfig(mode=mode, strength=1.5, merge_weight=0.25)
+    g = 3.5
+    one_call = row_plan(config, cfg=True, guidance_scale=g, user_mix="user")
+    mixed = {}
+    for prompt, weight in ((UNCOND, 1.0 - g), (COND, g)):
+        plan = two_call_cfg_plan(config, prompt=prompt, guidance_scale=g, user_mix="user")
+        assert all(b.prompt == prompt for b in plan.branches) and not any(plan.ref_coeffs)
+        for branch, coeff in zip(plan.branches, plan.coeffs):
+            mixed[branch] = mixed.get(branch, 0.0) + weight * coeff
+    assert mixed == pytest.approx(dict(zip(one_call.branches, one_call.coeffs)))
+    with pytest.raises(ValueError, match="guidance scale > 1"):
+        two_call_cfg_plan(config, prompt=COND, guidance_scale=1.0)
 
 def test_guided_step_window_matches_diffusers_guiders():
     assert [is_guided_step(i, 10, 0.2, 0.75) for i in range(10)] == [i in range(2, 7) for i in range(10)]

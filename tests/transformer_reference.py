@@ -70,6 +70,8 @@ class TransformerReference:
                              "a negative prompt")
         self.step = 0
         self.calls_in_step = 0
+        # what fp32 rounding bounds of comparisons scale with: transformer calls answered, largest |branch output|
+        self.calls, self.branch_scale = 0, 0.0
 
     # -- wrapping ----------------------------------------------------------------------------------------------------
     def __enter__(self):
@@ -96,7 +98,9 @@ class TransformerReference:
             transformer.enable_lora()
             transformer.set_adapters(list(adapters), [w * lora_scale for w in adapters.values()])
         batch = {k: (None if v is None else v[rows]) for k, v in inputs["batch"].items()}
-        return self.original(**batch, **inputs["static"], return_dict=False)[0].double()
+        out = self.original(**batch, **inputs["static"], return_dict=False)[0]
+        self.branch_scale = max(self.branch_scale, out.abs().max().item())
+        return out.double()
 
     def _split(self, kwargs: dict):
         unknown = set(kwargs) - set(BATCH_INPUTS[self.family]) - set(STATIC_INPUTS[self.family]) - {
@@ -121,6 +125,7 @@ class TransformerReference:
         hidden = inputs["batch"]["hidden_states"]
         mode = self.mode if self._guided() else "base"
         self.calls_in_step += 1
+        self.calls += 1
 
         def ev(adapters, rows):
             return self._branch(adapters, rows, inputs, lora_scale)
@@ -169,12 +174,17 @@ class TransformerReference:
         return e, extra
 
 
-def reference_images(pipe, mode: str, call_kwargs: dict, **reference_kwargs):
-    """pipe(**call_kwargs).images under a TransformerReference (true_cfg_scale taken from the call)."""
+def reference_run(pipe, mode: str, call_kwargs: dict, **reference_kwargs):
+    """(pipe(**call_kwargs).images under a TransformerReference, that reference); true_cfg_scale from the call."""
     true_cfg = call_kwargs.get("true_cfg_scale") if call_kwargs.get("negative_prompt") is not None else None
     ref = TransformerReference(pipe, mode, true_cfg_scale=true_cfg, **reference_kwargs)
     with ref:
-        return pipe(**call_kwargs, callback_on_step_end=ref.callback).images
+        return pipe(**call_kwargs, callback_on_step_end=ref.callback).images, ref
+
+
+def reference_images(pipe, mode: str, call_kwargs: dict, **reference_kwargs):
+    """pipe(**call_kwargs).images under a TransformerReference (true_cfg_scale taken from the call)."""
+    return reference_run(pipe, mode, call_kwargs, **reference_kwargs)[0]
 
 
 @contextlib.contextmanager
