@@ -23,7 +23,7 @@ from cgkernels.testing import (
 from cgkernels.train import TrainConfig, train
 from cgkernels.train import trainer as T
 from cgkernels.train.data import PairTransform, PreferenceBatches, open_pair_source
-from train_testdata import make_pickapic
+from train_testdata import assert_joint_equals_separate, make_pickapic
 
 FAMILIES = ("sd3", "flux")
 TARGETS = {"sd3": SD3_LORA_TARGETS, "flux": FLUX_LORA_TARGETS, "schnell": FLUX_LORA_TARGETS}
@@ -176,24 +176,9 @@ def test_joint_gradients_equal_separate_training(workspace, components, family, 
     # or missing a layer changes results by > 1e-3.
     comp.denoiser.double()
     inputs = _to_float64(inputs)
-    model = comp.denoiser
-    handle = attach_segmented_lora(model, {"pos": {"pos": 1.0}, "neg": {"neg": 1.0}}, trainable=True)
-    joint_loss, joint_metrics = T.joint_step(model, model, inputs, objective, 5000.0, torch.Tensor.backward)
-    joint_grads = {n: p.grad.clone() for n, p in params.items()}
-    handle.detach()
-    for p in params.values():
-        p.grad = None
-    separate_loss, separate_metrics = T.separate_step(model, inputs, objective, 5000.0, torch.Tensor.backward,
-                                                      list(params.values()))
-    assert joint_loss.item() == pytest.approx(separate_loss.item(), rel=REL64, abs=0)
-    for key in ("loss_pos", "loss_neg"):
-        assert joint_metrics[key].item() == pytest.approx(separate_metrics[key].item(), rel=REL64, abs=0)
-    for adapter in ("pos", "neg"):
-        names = [n for n in params if f".{adapter}." in n]
-        joint = torch.cat([joint_grads[n].flatten() for n in names])
-        alone = torch.cat([params[n].grad.flatten() for n in names])
-        assert alone.dtype == torch.float64 and alone.abs().max() > 0
-        torch.testing.assert_close(joint, alone, rtol=0, atol=REL64 * alone.abs().max().item())
+    for param in params.values():
+        assert param.dtype == torch.float64
+    assert_joint_equals_separate(comp.denoiser, params, inputs, objective, rel=REL64)
 
 
 def _to_float64(inputs: T.PairInputs) -> T.PairInputs:

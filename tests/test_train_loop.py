@@ -20,7 +20,7 @@ from cgkernels.testing import tiny_sd_pipeline
 from cgkernels.train import TrainConfig, train
 from cgkernels.train import trainer as T
 from cgkernels.train.data import PairTransform, PreferenceBatches, open_pair_source
-from train_testdata import make_pickapic
+from train_testdata import assert_joint_equals_separate, make_pickapic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,23 +93,7 @@ def test_joint_gradients_equal_separate_training(workspace, base_components, obj
     unet = components.denoiser
     if checkpointing:  # recomputation in backward must see the same segment routing as the forward
         unet.enable_gradient_checkpointing()
-    handle = attach_segmented_lora(unet, {"pos": {"pos": 1.0}, "neg": {"neg": 1.0}}, trainable=True)
-    joint_loss, joint_metrics = T.joint_step(unet, unet, inputs, objective, 5000.0, torch.Tensor.backward)
-    joint_grads = {n: p.grad.clone() for n, p in params.items()}
-    handle.detach()
-    for p in params.values():
-        p.grad = None
-    separate_loss, separate_metrics = T.separate_step(unet, inputs, objective, 5000.0, torch.Tensor.backward,
-                                                      list(params.values()))
-    assert joint_loss.item() == pytest.approx(separate_loss.item(), rel=1e-4)
-    for key in ("loss_pos", "loss_neg"):
-        assert joint_metrics[key].item() == pytest.approx(separate_metrics[key].item(), rel=1e-4)
-    for adapter in ("pos", "neg"):
-        names = [n for n in params if f".{adapter}." in n]
-        joint = torch.cat([joint_grads[n].flatten() for n in names])
-        alone = torch.cat([params[n].grad.flatten() for n in names])
-        assert alone.abs().max() > 0
-        torch.testing.assert_close(joint, alone, rtol=1e-4, atol=1e-4 * alone.abs().max().item())
+    assert_joint_equals_separate(unet, params, inputs, objective, rel=1e-4)
 
 
 def test_bad_input_fails_before_training(workspace, tmp_path):

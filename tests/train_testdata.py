@@ -1,4 +1,5 @@
-"""Tiny synthetic preference datasets for the trainer tests (Pick-a-Pic parquet, HPDv3 JSON, JSONL).
+"""Tiny synthetic preference datasets for the trainer tests (Pick-a-Pic parquet, HPDv3 JSON, JSONL), and the
+joint-vs-separate training check the UNet and transformer trainer tests share.
 
 Winners are bright images and losers dark ones, so a test can tell which side of a pair it got from the pixels.
 """
@@ -76,3 +77,31 @@ def make_image_folder_dataset(folder: Path, dataset_format: str, *, n_pairs: int
         (folder / "train.json").write_text(json.dumps(records))
     else:
         (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+
+
+def assert_joint_equals_separate(model, params: dict, inputs, objective: str, *, rel: float, beta: float = 5000.0):
+    """The trainer's one segmented pass over every adapter (joint_step) gives the losses and LoRA gradients of one
+    peft pass per adapter (separate_step), to `rel` of their magnitudes. params: name -> LoRA parameter."""
+    import pytest
+    import torch
+
+    from cgkernels.lora_layers import attach_segmented_lora
+    from cgkernels.train import trainer as T
+
+    handle = attach_segmented_lora(model, {"pos": {"pos": 1.0}, "neg": {"neg": 1.0}}, trainable=True)
+    joint_loss, joint_metrics = T.joint_step(model, model, inputs, objective, beta, torch.Tensor.backward)
+    joint_grads = {n: p.grad.clone() for n, p in params.items()}
+    handle.detach()
+    for p in params.values():
+        p.grad = None
+    separate_loss, separate_metrics = T.separate_step(model, inputs, objective, beta, torch.Tensor.backward,
+                                                      list(params.values()))
+    assert joint_loss.item() == pytest.approx(separate_loss.item(), rel=rel, abs=0)
+    for key in ("loss_pos", "loss_neg"):
+        assert joint_metrics[key].item() == pytest.approx(separate_metrics[key].item(), rel=rel, abs=0)
+    for adapter in ("pos", "neg"):
+        names = [n for n in params if f".{adapter}." in n]
+        joint = torch.cat([joint_grads[n].flatten() for n in names])
+        alone = torch.cat([params[n].grad.flatten() for n in names])
+        assert alone.abs().max() > 0
+        torch.testing.assert_close(joint, alone, rtol=0, atol=rel * alone.abs().max().item())

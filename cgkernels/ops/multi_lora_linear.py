@@ -354,9 +354,10 @@ if triton is not None:
         return row_start, row_end, adapter, scale
 
     @triton.jit
-    def _base_gemm(acc, x_ptrs, w_ptrs, row_mask, col_mask, offs_k, K, stride_xk, stride_wk,
-                   INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_BF16: tl.constexpr):
-        """acc += x W^T over all of K for one (row tile, column block)."""
+    def _k_loop_dot(acc, x_ptrs, w_ptrs, row_mask, col_mask, offs_k, K, stride_xk, stride_wk,
+                    INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST_BF16: tl.constexpr):
+        """acc += x W^T over all of K for one row tile and one block of W's rows (a column block of the base GEMM,
+        or the rank rows of A_a for the shrink)."""
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             k_mask = offs_k < K - k * BLOCK_K
             x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
@@ -403,16 +404,8 @@ if triton is not None:
             x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
             a_base = a_ptr + adapter.to(tl.int64) * stride_aa
             a_ptrs = a_base + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
-            acc_r = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-            for k in range(0, tl.cdiv(K, BLOCK_K)):
-                k_mask = offs_k < K - k * BLOCK_K
-                x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                a = tl.load(a_ptrs, mask=k_mask[:, None] & rank_mask[None, :], other=0.0)
-                if UPCAST_BF16:
-                    x, a = x.to(tl.float32), a.to(tl.float32)
-                acc_r = tl.dot(x, a, acc_r, input_precision=INPUT_PRECISION)
-                x_ptrs += BLOCK_K * stride_xk
-                a_ptrs += BLOCK_K * stride_ak
+            acc_r = _k_loop_dot(tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32), x_ptrs, a_ptrs, row_mask, rank_mask,
+                                offs_k, K, stride_xk, stride_ak, INPUT_PRECISION, BLOCK_K, UPCAST_BF16)
             s_ptrs = s_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + offs_r[None, :]
             tl.store(s_ptrs, (acc_r * scale).to(s_ptr.dtype.element_ty), mask=row_mask[:, None])
 
@@ -485,10 +478,10 @@ if triton is not None:
                 acc = _expand(acc, shrink, b_ptr, adapter, offs_r, offs_n, rank_mask, col_mask, stride_ba, stride_bn,
                               stride_br, INPUT_PRECISION, UPCAST_BF16)
             else:
-                acc = _base_gemm(acc, x_ptrs, w_ptrs, row_mask, col_mask, offs_k, K, stride_xk, stride_wk,
+                acc = _k_loop_dot(acc, x_ptrs, w_ptrs, row_mask, col_mask, offs_k, K, stride_xk, stride_wk,
                                  INPUT_PRECISION, BLOCK_K, UPCAST_BF16)
         else:
-            acc = _base_gemm(acc, x_ptrs, w_ptrs, row_mask, col_mask, offs_k, K, stride_xk, stride_wk,
+            acc = _k_loop_dot(acc, x_ptrs, w_ptrs, row_mask, col_mask, offs_k, K, stride_xk, stride_wk,
                              INPUT_PRECISION, BLOCK_K, UPCAST_BF16)
             if adapter >= 0:  # the pre-pass left scale * x A_a^T for these rows in s
                 s_ptrs = s_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + offs_r[None, :]
