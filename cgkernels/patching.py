@@ -385,14 +385,24 @@ def _host_forward(pipe, state: _PatchState):
     router = state.router
     core = _core_forward(state.original_forward, state.denoiser.static_args)
 
+    dynamo_config = torch._dynamo.config
+
     @torch.compiler.disable(recursive=False)
     def patched_forward(*args, **kwargs):
         inputs, step_plan, return_dict = _prepare_call(pipe, state, args, kwargs)
         previous = router.current
         router.current = step_plan.routing
+        # A step plan is host metadata: its merge coefficients, LoRA scale, batch and row offsets must reach a
+        # compiled core as constants (one graph per plan, as a plan's own checks and tile schedules need). Dynamo's
+        # automatic dynamic would instead turn a value that changed since the last compile (another guidance scale,
+        # LoRA scale or batch) into a symbol and fail on those host checks under fullgraph=True. So the core is
+        # compiled static, whatever the user's dynamic setting; eagerly these two attribute writes cost ~5 us.
+        dynamic = (dynamo_config.automatic_dynamic_shapes, dynamo_config.assume_static_by_default)
+        dynamo_config.automatic_dynamic_shapes, dynamo_config.assume_static_by_default = False, True
         try:
             eps = core(inputs, step_plan)
         finally:
+            dynamo_config.automatic_dynamic_shapes, dynamo_config.assume_static_by_default = dynamic
             router.current = previous
         return _finish_call(state.denoiser, eps, return_dict)
 

@@ -156,3 +156,26 @@ def test_reduce_overhead_captures_cuda_graphs():
         scale = eager.abs().max().item()
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4 * scale)
         cgkernels.unpatch(pipe)
+
+
+@pytest.mark.slow
+def test_changed_guidance_scale_lora_scale_and_batch_recompile_under_fullgraph():
+    """A later call with another guidance scale, LoRA scale or batch is another step plan: it compiles a new graph
+    (the plan's coefficients, offsets and batch stay constants, even when the user's compile would make a changed
+    value dynamic) and gives the eager result. Before the fix the second call raised under fullgraph=True."""
+    pipe = _pipe("sd15")
+    cgkernels.patch(pipe, guidance="contrastive", strength=1.5)
+    calls = [dict(guidance_scale=5.0), dict(guidance_scale=7.5, cross_attention_kwargs={"scale": 0.5}),
+             dict(guidance_scale=7.5, num_images_per_prompt=2)]
+
+    def run(**kwargs):
+        return pipe(prompt=["a red circle"], num_inference_steps=1, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), **kwargs).images
+
+    eager = [run(**kwargs) for kwargs in calls]
+    with _fresh_dynamo():
+        pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend="eager")
+        for kwargs, expected in zip(calls, eager):
+            _assert_close(run(**kwargs), expected)
+        assert _graph_breaks() == 0, dict(counters["graph_break"])
+        assert _graphs() == len(calls)
