@@ -445,14 +445,19 @@ def _prepare_call(pipe, state: _PatchState, args, kwargs) -> tuple[dict, _StepPl
     inputs = dict(state.signature.bind(*args, **kwargs).arguments)
     return_dict = inputs.pop("return_dict", True)
     lora_scale = _pop_lora_scale(inputs, denoiser.attention_kwargs_arg)
+    if caller is None:
+        _check_direct_call(pipe, state)
     call = denoiser.layout(pipe, caller_locals, inputs, state.config)
     rows = inputs[denoiser.sample_arg].shape[0]
     if rows % call.halves:
         raise ValueError(f"{denoiser.attr} batch of {rows} rows cannot be the pipeline's CFG batch [uncond, cond]")
     batch = rows // call.halves
 
-    step, num_steps = _current_step(pipe, state, call.starts_step)
-    guided = num_steps is None or is_guided_step(step, num_steps, state.config.start, state.config.stop)
+    if caller is None:  # a direct call: every one is guided (_check_direct_call made sure the window is [0, 1))
+        guided = True
+    else:
+        step, num_steps = _current_step(pipe, state, call.starts_step)
+        guided = num_steps is None or is_guided_step(step, num_steps, state.config.start, state.config.stop)
     key = ("base", rows) if not guided else (call, batch, lora_scale)
     step_plan = state.step_plans.get(key)
     if step_plan is None:
@@ -462,6 +467,25 @@ def _prepare_call(pipe, state: _PatchState, args, kwargs) -> tuple[dict, _StepPl
             step_plan = _guided_step_plan(state, call, batch, lora_scale)
         state.step_plans[key] = step_plan
     return inputs, step_plan, return_dict
+
+
+def _check_direct_call(pipe, state: _PatchState) -> None:
+    """A call of the patched denoiser from the user's own loop, not from a pipeline call: steps are counted per
+    pipeline call, so such a call cannot place itself in a narrower [start, stop) window, and the guidance settings
+    it uses are the pipeline's (set by its last call)."""
+    attr, config = state.denoiser.attr, state.config
+    if (config.start, config.stop) != (0.0, 1.0):
+        raise ValueError(
+            f"pipe.{attr} was called directly, not from a pipeline call: only a pipeline call counts the steps of the "
+            f"[start, stop) = [{config.start}, {config.stop}) window. Call the pipeline, or patch with start=0, stop=1 "
+            "to guide every direct call"
+        )
+    if getattr(pipe, "_guidance_scale", None) is None:
+        raise ValueError(
+            f"pipe.{attr} was called directly before any call of the pipeline: a direct call uses the pipeline's "
+            "guidance settings (guidance_scale, and CFG on when it is > 1), set by a pipeline call (or by "
+            "pipe._guidance_scale = g)"
+        )
 
 
 def _guided_step_plan(state: _PatchState, call: _CallLayout, batch: int, lora_scale: float) -> _StepPlan:

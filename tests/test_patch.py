@@ -408,3 +408,30 @@ def test_low_precision_close_to_reference(dtype, tol):
     assert out.dtype == dtype
     effect = (expected - base).abs().max()
     assert (out.float() - expected).abs().max() <= tol * effect
+
+
+def test_direct_denoiser_calls_are_guided_or_refused():
+    """The user's own loop calling the patched UNet: refused before any pipeline call (no guidance settings yet) and
+    with a narrower [start, stop) window (only pipeline calls count steps); otherwise every direct call is guided,
+    also after a pipeline call that left its step counter at its last step."""
+    pipe = _with_adapters(tiny_sd_pipeline("sd15", seed=3))
+    sample = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    cgkernels.patch(pipe, guidance="contrastive", strength=1.5)
+    try:
+        with pytest.raises(ValueError, match="before any call of the pipeline"):
+            pipe.unet(sample, 10, encoder_hidden_states=text)
+        _run(pipe)
+        rows = []
+        with _count_rows(pipe, rows), torch.no_grad():
+            for _ in range(3):
+                pipe.unet(sample, 10, encoder_hidden_states=text)
+        assert rows == [6, 6, 6]
+    finally:
+        cgkernels.unpatch(pipe)
+    cgkernels.patch(pipe, guidance="contrastive", strength=1.5, stop=0.5)
+    try:
+        with pytest.raises(ValueError, match=r"window"):
+            pipe.unet(sample, 10, encoder_hidden_states=text)
+    finally:
+        cgkernels.unpatch(pipe)
