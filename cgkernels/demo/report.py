@@ -75,7 +75,7 @@ def gain_verdict(gain: float, sem: float) -> str:
     return "no (within noise)"
 
 
-def write_report(out: Path, config, results, diagnosis, samples, split, timings, device, *, base_cached: bool,
+def write_report(out: Path, config, results, diagnosis, samples, split, timings, cpu_timings, device, *, base_cached: bool,
                  total_seconds: float, preference_stats: dict) -> dict[str, str]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,21 +98,23 @@ def write_report(out: Path, config, results, diagnosis, samples, split, timings,
         "prompts": {"evaluation": list(split.evaluation), "validation": list(split.validation),
                     "preference": len(split.preference)},
         "timings_seconds": timings,
+        "cpu_seconds": cpu_timings,
         "total_seconds": round(total_seconds, 1),
         "base_model_cached": base_cached,
         "machine": machine,
     }
     (out / "report.json").write_text(json.dumps(payload, indent=2))
     files["json"] = str(out / "report.json")
-    markdown = _markdown(config, results, diagnosis, split, timings, total_seconds, base_cached, machine,
+    markdown = _markdown(config, results, diagnosis, split, timings, cpu_timings, total_seconds, base_cached, machine,
                          preference_stats)
     (out / "report.md").write_text(markdown)
     files["markdown"] = str(out / "report.md")
     return files
 
 
-def _markdown(config, results, diagnosis, split, timings, total_seconds, base_cached, machine, stats) -> str:
+def _markdown(config, results, diagnosis, split, timings, cpu_timings, total_seconds, base_cached, machine, stats) -> str:
     phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
+    cpu = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in cpu_timings.items())
     g = config.guidance_scale
     return f"""# cgkernels demo report (pipeline seed {config.seed})
 
@@ -161,7 +163,8 @@ Rows: evaluation prompts (first evaluation seed); columns: base CFG and each met
 ![gain and win rate vs strength](strength.png)
 
 Wall time {total_seconds:.0f} s ({phases}; base model {'from cache' if base_cached else 'trained in this run'}),
-{machine['device']}, torch {machine['torch']}.
+{machine['device']}, torch {machine['torch']}. CPU time of the process per phase (what each phase costs on an
+otherwise idle machine, summed over threads): {cpu}.
 """
 
 
