@@ -181,7 +181,7 @@ def write_grid(path: Path, config, results, samples, eval_prompts) -> Path:
     chosen = {(row["method"], row["strength"]) for row in results if row["chosen"]}
     columns = [samples[0]] + [s for s in samples[1:] if (s.method, s.strength) in chosen]
     font = _font()
-    label_width, header = 240, 2 * FONT_SIZE + 10
+    label_width, header = 262, 2 * FONT_SIZE + 10
     canvas = Image.new("RGB", (label_width + GRID_CELL * len(columns), header + GRID_CELL * len(eval_prompts)), "white")
     draw = ImageDraw.Draw(canvas)
     for column, sample in enumerate(columns):

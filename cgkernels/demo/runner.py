@@ -56,9 +56,13 @@ class DemoConfig:
     pair_steps: int = 8  # DDIM steps for the preference samples (fewer than for evaluation: labels are relative)
     bt_temperature: float = 0.1
     adapter_rank: int = 4
-    adapter_steps: int = 400
+    adapter_steps: int = 600
     adapter_batch: int = 8
     adapter_lr: float = 3e-3
+    # Decay to zero: at a constant rate the last steps' gradient noise stays in the weights, and cPGD guides with
+    # the *difference* of two adapters, where that noise does not cancel.
+    adapter_lr_schedule: str = "cosine"
+    adapter_warmup_steps: int = 30
     eval_seeds: tuple[int, ...] = (1000, 1001, 1002, 1003)
     val_seeds: tuple[int, ...] = (2000, 2001, 2002, 2003)
     pair_seed_offset: int = 10_000  # preference samples use seeds from here on: never an evaluation/validation seed
@@ -74,6 +78,7 @@ class DemoConfig:
                                n_train_images=600, steps=40, batch_size=16, lr=2e-3, warmup_steps=5)
         settings = dict(base=base, sample_steps=3, n_eval_prompts=2, n_val_prompts=2, n_pair_prompts=4,
                         samples_per_prompt=3, pair_steps=2, adapter_rank=2, adapter_steps=2, adapter_batch=2,
+                        adapter_warmup_steps=0,
                         eval_seeds=(1000, 1001), val_seeds=(2000, 2001), strengths=(0.5, 1.0),
                         diagnosis_timesteps=(500,))
         settings.update(overrides)
@@ -222,11 +227,15 @@ def preference_statistics(parquet: Path) -> dict:
     return stats
 
 
+ADAPTER_FIELDS = ("adapter_rank", "adapter_steps", "adapter_batch", "adapter_lr", "adapter_lr_schedule",
+                  "adapter_warmup_steps")
+
+
 def train_adapters(config: DemoConfig, model_dir: Path, parquet: Path, cache: Path, progress: bool) -> dict[str, Path]:
     """sft -> sft_pos / sft_neg (cPGD); dpo+npo in one pass -> dpo (PGD's module) / npo (NPO's negative module)."""
     from cgkernels.train import TrainConfig, train
 
-    folder = cache / f"adapters-{parquet.stem}-{config.key('adapter_rank', 'adapter_steps', 'adapter_batch', 'adapter_lr')}"
+    folder = cache / f"adapters-{parquet.stem}-{config.key(*ADAPTER_FIELDS)}"
     runs = {"sft": {"sft_pos": "pos", "sft_neg": "neg"}, "dpo+npo": {"dpo": "pos", "npo": "neg"}}
     adapters = {}
     for objective, names in runs.items():
@@ -237,6 +246,7 @@ def train_adapters(config: DemoConfig, model_dir: Path, parquet: Path, cache: Pa
                 model=str(model_dir), dataset=str(parquet), dataset_format="pickapic", objective=objective,
                 output_dir=str(run_dir), rank=config.adapter_rank, lr=config.adapter_lr,
                 batch_size=config.adapter_batch, max_steps=config.adapter_steps, resolution=config.base.resolution,
+                lr_scheduler=config.adapter_lr_schedule, lr_warmup_steps=config.adapter_warmup_steps,
                 random_flip=False,  # a flip would turn "left" into "right"
                 seed=config.seed, checkpoint_every=0, progress=progress,
             ))
