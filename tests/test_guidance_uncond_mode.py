@@ -81,3 +81,31 @@ def test_contrastive_is_cfg_plus_its_cond_and_uncond_parts():
     assert set(whole) == {b for b, c in parts.items() if c != 0.0}
     for branch, c in whole.items():
         assert parts[branch] == pytest.approx(c, rel=1e-12)
+
+
+def test_guider_matches_patched_unet():
+    """The Modular-Diffusers guider runs the same row plan one branch at a time: same prediction as the patch."""
+    from test_guidance_modes import _guider_step
+
+    pipe = tiny_sd_pipeline("sd15", seed=5)
+    add_random_lora(pipe, "pos", rank=4, seed=1)
+    add_random_lora(pipe, "neg", rank=2, seed=2, target_modules=("to_k", "to_v", "to_out.0"))
+    torch.manual_seed(0)
+    latents, t = torch.randn(2, 4, 16, 16), torch.tensor(400)
+    cond, uncond = torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    g, s = 4.0, 1.5
+    guider = cgkernels.ContrastiveGuidance(mode="contrastive-uncond", strength=s, guidance_scale=g)
+    with torch.no_grad():
+        pred, n_branches = _guider_step(guider, pipe.unet, latents, t, cond, uncond, step=0, num_steps=2)
+        pipe._guidance_scale, pipe._guidance_rescale = g, 0.0
+        cgkernels.patch(pipe, guidance="contrastive-uncond", strength=s)
+        try:
+            patched = pipe.unet(torch.cat([latents] * 2), t, torch.cat([uncond, cond]), return_dict=False)[0]
+        finally:
+            cgkernels.unpatch(pipe)
+        pipe.unet.disable_lora()
+        base_u, base_c = pipe.unet(torch.cat([latents] * 2), t, torch.cat([uncond, cond]), return_dict=False)[0].chunk(2)
+        pipe.unet.enable_lora()
+    assert n_branches == 4
+    torch.testing.assert_close(pred, patched[:2], rtol=1e-4, atol=1e-5)
+    assert (pred - (base_u + g * (base_c - base_u))).abs().max() > 1e-3  # the adapters matter
