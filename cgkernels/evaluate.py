@@ -88,7 +88,7 @@ Scorer = Callable[[list, list], np.ndarray]
 def taste_scorer() -> Scorer:
     from cgkernels.demo.reward import taste_rewards
 
-    return lambda images, prompts: taste_rewards([np.asarray(image.convert("RGB")) for image in images])
+    return lambda images, prompts: taste_rewards([np.asarray(image.convert("RGB")) for image in images], prompts)
 
 
 def _require_package(module: str, install: str):

@@ -11,10 +11,18 @@ uses C + D as its reference ("the mode's conditional prediction").
 
 - contrastive       U = b(u) + s(p(u) - n(u)),  C = the same at c,               D = 0          6 branches
 - contrastive-cond  U = b(u), C = b(c),  D = s(p(c) - n(c))                                     4 branches
+- contrastive-uncond U = b(u), C = b(c), D = s(p(u) - n(u))                                     4 branches
 - pgd               U = b(u) + s(p(u) - b(u)),  C = the same at c                               4 branches
 - npo               U = m(u), C = q(c);  q = base + positive (or base), m = base + s*neg + (1 - merge_weight)*pos
 - merged            U, C from W + s(dW_pos - dW_neg) on every row                               2 branches
 - cfg               U, C from the adapters the user activated                                   2 branches
+
+Published cPGD ("contrastive") adds s*[g*(p(c) - n(c)) + (1 - g)*(p(u) - n(u))] to plain CFG: the correction's
+unconditional part enters with weight 1 - g < 0. Adapters trained with empty prompts learn the prompt-independent
+part of a preference at u, and CFG turns that part against the preference. "contrastive-cond" keeps only the
+conditional part; "contrastive-uncond" applies the unconditional part after CFG with weight +s, the sign that keeps
+it pointing towards the preference (with strength s*(1 - g) it is exactly the u-part of "contrastive"). It needs CFG
+(guidance_scale > 1): without the unconditional half there is nothing to read it from.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ from dataclasses import dataclass
 __all__ = ["MODES", "NEEDS_UNCOND", "GuidanceConfig", "Branch", "RowPlan", "mode_mixes", "row_plan",
            "two_call_cfg_plan", "is_guided_step"]
 
-MODES = ("contrastive", "contrastive-cond", "pgd", "npo", "merged", "cfg")
+MODES = ("contrastive", "contrastive-cond", "contrastive-uncond", "pgd", "npo", "merged", "cfg")
 
 # Mix names used by the patch (internal; adapter names are the user's).
 POSITIVE, NEGATIVE, NPO_UNCOND, MERGED, USER = "positive", "negative", "npo_uncond", "merged", "user"
@@ -58,6 +66,7 @@ class GuidanceConfig:
         needs = {
             "contrastive": ("positive", "negative"),
             "contrastive-cond": ("positive", "negative"),
+            "contrastive-uncond": ("positive", "negative"),
             "merged": ("positive", "negative"),
             "pgd": ("positive",),
             "npo": ("negative",),
@@ -97,7 +106,7 @@ def mode_mixes(config: GuidanceConfig) -> dict[str, dict[str, float]]:
     """The adapter mixes a mode needs, {mix_name: {adapter: weight}}; combined mixes concatenate ranks."""
     s, pos, neg = float(config.strength), config.positive, config.negative
     mode = config.mode
-    if mode in ("contrastive", "contrastive-cond"):
+    if mode in ("contrastive", "contrastive-cond", "contrastive-uncond"):
         return {POSITIVE: {pos: 1.0}, NEGATIVE: {neg: 1.0}}
     if mode == "pgd":
         return {POSITIVE: {pos: 1.0}}
@@ -125,6 +134,8 @@ def _terms(config: GuidanceConfig, user_mix: str | None):
         return u, c, []
     if mode == "contrastive-cond":
         return [(UNCOND, None, 1.0)], [(COND, None, 1.0)], [(COND, POSITIVE, s), (COND, NEGATIVE, -s)]
+    if mode == "contrastive-uncond":
+        return [(UNCOND, None, 1.0)], [(COND, None, 1.0)], [(UNCOND, POSITIVE, s), (UNCOND, NEGATIVE, -s)]
     if mode == "pgd":
         u, c = both([(None, 1.0 - s), (POSITIVE, s)])
         return u, c, []
@@ -140,6 +151,9 @@ def _terms(config: GuidanceConfig, user_mix: str | None):
 
 def row_plan(config: GuidanceConfig, *, cfg: bool, guidance_scale: float, user_mix: str | None = None) -> RowPlan:
     """Branches and merge coefficients of one guided step. Branches with all-zero coefficients are not run."""
+    if config.mode == "contrastive-uncond" and not cfg:
+        raise ValueError("guidance='contrastive-uncond' reads the unconditional branch of CFG; it needs "
+                         f"guidance_scale > 1 (got {guidance_scale}, which runs no unconditional branch)")
     g = float(guidance_scale) if cfg else 1.0
     uncond, cond, extra = _terms(config, user_mix)
     coeff: dict[Branch, float] = {}

@@ -5,7 +5,7 @@ branch, the adapter mix switched in `prepare_models`); only the final merge is f
 one-pass path (all branches in one batched UNet call through the segmented multi-LoRA layers) use a regular
 `StableDiffusionPipeline` / `StableDiffusionXLPipeline` with `cgkernels.patch(pipe, ...)`.
 
-Modes: contrastive, contrastive-cond, pgd, npo, cfg ("merged" is a weight-space mode and needs the patch).
+Modes: contrastive, contrastive-cond, contrastive-uncond, pgd, npo, cfg ("merged" is a weight-space mode and needs the patch).
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 
 from cgkernels.demo import reward, world
 from cgkernels.demo.base_model import BaseModelConfig, _weighted_loss, build_scheduler, identity_vae, vae_roundtrip_error
-from cgkernels.demo.runner import METHODS, DemoConfig, diversity, win_rate
+from cgkernels.demo.runner import METHODS, DemoConfig, diversity, mark_chosen, split_prompts, win_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,15 +50,73 @@ def test_world_captions_and_held_out_split():
 
 
 def test_taste_prefers_vivid_shapes_on_clean_backgrounds():
-    background = np.full((24, 24, 3), 0.2, np.float32)
+    prompt = "a large red square in the center"
+    background = np.full((16, 16, 3), 0.2, np.float32)
     vivid = background.copy()
-    vivid[8:16, 8:16] = (0.9, 0.1, 0.1)
+    vivid[4:12, 4:12] = (0.9, 0.1, 0.1)
     dull = background.copy()
-    dull[8:16, 8:16] = (0.55, 0.45, 0.45)
+    dull[4:12, 4:12] = (0.55, 0.45, 0.45)
     cluttered = vivid + np.random.default_rng(0).uniform(-0.15, 0.15, vivid.shape).astype(np.float32)
-    r_vivid, r_dull, r_cluttered = reward.taste_rewards([vivid, dull, np.clip(cluttered, 0, 1)])
+    prompts = [prompt] * 3
+    r_vivid, r_dull, r_cluttered = reward.taste_rewards([vivid, dull, np.clip(cluttered, 0, 1)], prompts)
     assert r_vivid > r_dull and r_vivid > r_cluttered
-    assert reward.taste_reward(background) < r_dull  # no shape at all is worst
+    assert reward.taste_reward(background, prompt) < r_dull  # no shape at all is worst
+
+
+def test_taste_scores_what_the_prompt_asked_for():
+    """On the world's own renders (ground truth), every alignment term prefers the true caption over one that
+    changes that attribute, and the reward prefers a shape at the named position."""
+    rng = np.random.default_rng(0)
+    options = {"colour": list(world.COLOURS), "shape": list(world.SHAPES), "size": list(world.SIZES),
+               "position": list(world.POSITIONS)}
+    wins = {name: [] for name in options}
+    for _ in range(60):
+        scene = world.all_scenes()[rng.integers(len(world.all_scenes()))]
+        image = world.render(scene, rng, resolution=16)
+        true_terms = reward.taste_terms(image, scene.caption)
+        for name, values in options.items():
+            other = [v for v in values if v != getattr(scene, name)]
+            wrong = replace(scene, **{name: other[rng.integers(len(other))]})
+            wins[name].append(true_terms[name] > reward.taste_terms(image, wrong.caption)[name])
+    for name, hits in wins.items():
+        assert np.mean(hits) > 0.75, (name, np.mean(hits))  # shape is the hardest to read at 16 px
+    left, right = np.full((2, 16, 16, 3), 0.2, np.float32)
+    left[2:7, 2:7] = right[2:7, 9:14] = (0.9, 0.1, 0.1)
+    prompt = "a small red square at the top left"
+    assert reward.taste_reward(left, prompt) > reward.taste_reward(right, prompt) + 0.3
+    with pytest.raises(ValueError, match="not a caption"):
+        reward.taste_reward(left, "a photo of a cat")
+    with pytest.raises(ValueError, match="one prompt per image"):
+        reward.taste_rewards([left, right], [prompt])
+
+
+def test_largest_component_ignores_stray_blobs():
+    mask = np.zeros((8, 8), bool)
+    mask[1:4, 1:4] = True  # 9 pixels
+    mask[6, 6:8] = True  # 2 pixels, not connected
+    component = reward.largest_component(mask)
+    assert component.sum() == 9 and not component[6, 6]
+    assert not reward.largest_component(np.zeros((4, 4), bool)).any()
+
+
+def test_prompt_split_is_three_way_disjoint():
+    config = DemoConfig(seed=3)
+    split = split_prompts(config)
+    assert len(split.validation) == config.n_val_prompts and len(split.evaluation) == config.n_eval_prompts
+    groups = [set(split.preference), set(split.validation), set(split.evaluation)]
+    assert sum(map(len, groups)) == len(world.all_scenes()) == len(set().union(*groups))
+    seeds = [set(config.eval_seeds), set(config.val_seeds)]
+    pair_images = len(split.preference) * config.samples_per_prompt
+    pair_seeds = set(range(config.pair_seed_offset, config.pair_seed_offset + pair_images))
+    assert not (seeds[0] & seeds[1]) and not (pair_seeds & (seeds[0] | seeds[1]))
+
+
+def test_chosen_strength_is_the_best_on_validation():
+    rows = [{"method": "base-cfg", "strength": None, "val_mean_gain": 0.0, "chosen": False}]
+    rows += [{"method": "m", "strength": s, "val_mean_gain": g, "chosen": False}
+             for s, g in ((0.5, 0.1), (1.0, 0.3), (2.0, 0.3), (4.0, -0.2))]
+    mark_chosen(rows)
+    assert [row["strength"] for row in rows if row["chosen"]] == [1.0]  # tie with 2: the smaller strength
 
 
 def test_bradley_terry_labels_are_seeded_and_follow_rewards():
@@ -79,37 +138,61 @@ def test_measures():
     assert diversity(different, n_seeds=2) == pytest.approx(0.5)  # one pair at distance 1, one at 0
 
 
+QUICK_SEED = 3
+
+
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    # The demo picks CUDA where present; this test checks the CPU run it was written for on every machine.
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    subprocess.run([sys.executable, str(ROOT / "python" / "demo.py"), "--quick", "--no-progress", "--out", str(out)],
-                   check=True, cwd=ROOT, timeout=600, env=env)
+    # The demo picks CUDA where present; this test checks the CPU run it was written for on every machine, with
+    # this checkout's cgkernels, not an installed one.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(ROOT / "python" / "demo.py"), "--quick", "--no-progress",
+                    "--seed", str(QUICK_SEED), "--out", str(out)], check=True, cwd=ROOT, timeout=600, env=env)
     return out
 
 
 def test_quick_demo_writes_the_report(quick_demo):
     config = DemoConfig.quick()
     report = json.loads((quick_demo / "report.json").read_text())
+    assert report["config"]["seed"] == QUICK_SEED
     results = report["results"]
     expected = [("base-cfg", None)] + [(m, s) for m in METHODS for s in config.strengths]
     assert [(row["method"], row["strength"]) for row in results] == expected
     for row in results:
-        for key in ("mean_reward", "win_rate", "diversity", "seconds_per_image"):
-            assert math.isfinite(row[key]), (row, key)
-        assert 0.0 <= row["win_rate"] <= 1.0 and row["seconds_per_image"] > 0
-    assert results[0]["win_rate"] == 0.5  # base against itself
-    assert set(report["timings_seconds"]) == {"base model", "preference pairs", "adapters", "sampling", "measurement"}
-    assert len(report["eval_prompts"]) == config.n_eval_prompts
+        for key in ("mean_reward", "win_rate", "mean_gain", "gain_sem", "diversity", "seconds_per_image",
+                    "val_mean_gain", "mean_alignment", "mean_aesthetics"):
+            assert isinstance(row[key], float) and math.isfinite(row[key]), (row, key)
+        assert 0.0 <= row["win_rate"] <= 1.0 and row["seconds_per_image"] > 0 and row["gain_sem"] >= 0
+        assert isinstance(row["chosen"], bool)
+    assert results[0]["win_rate"] == 0.5 and results[0]["mean_gain"] == 0.0  # base against itself
+    assert not results[0]["chosen"]
+    for method in METHODS:  # exactly one chosen strength per method, the best on validation
+        rows = [row for row in results if row["method"] == method]
+        (chosen,) = [row for row in rows if row["chosen"]]
+        assert chosen["val_mean_gain"] == max(row["val_mean_gain"] for row in rows)
+    assert set(report["timings_seconds"]) == {"base model", "preference pairs", "adapters", "sampling",
+                                              "measurement", "diagnosis"}
+    assert len(report["prompts"]["evaluation"]) == config.n_eval_prompts
+    assert not set(report["prompts"]["evaluation"]) & set(report["prompts"]["validation"])
+    diagnosis = {row["method"]: row for row in report["diagnosis"]}
+    assert set(diagnosis) == set(METHODS)
+    assert diagnosis["contrastive-cond"]["uncond_part_norm"] == 0.0 and diagnosis["npo"]["cond_part_norm"] == 0.0
+    for key in ("cond_alone_gain", "uncond_alone_gain", "cond_alone_win_rate", "uncond_alone_win_rate"):
+        assert math.isfinite(diagnosis["contrastive"][key])
+    pairs = report["preference_data"]["pairs"]
+    assert pairs == config.n_pair_prompts * config.samples_per_prompt * (config.samples_per_prompt - 1) // 2
 
     markdown = (quick_demo / "report.md").read_text()
-    assert "| method | strength | mean reward" in markdown and "win rate vs base CFG" in markdown
+    assert "Strength rule, fixed before any result" in markdown and "## Diagnosis" in markdown
     for method in ["base-cfg", *METHODS]:
         assert f"| {method} |" in markdown
 
+    from cgkernels.demo.report import GRID_CELL
+
     grid = Image.open(quick_demo / "grid.png")
-    assert grid.size == (230 + 64 * (1 + len(METHODS)), 14 + 64 * config.n_eval_prompts)
+    assert GRID_CELL >= 64
+    assert grid.size[0] >= GRID_CELL * (1 + len(METHODS)) and grid.size[1] >= GRID_CELL * config.n_eval_prompts
     strength = Image.open(quick_demo / "strength.png")
     assert strength.size[0] > 500 and np.asarray(strength.convert("L")).std() > 0  # a drawn plot, not blank
 
@@ -127,8 +210,9 @@ def test_quick_demo_artifacts_load(quick_demo):
     table = pq.read_table(parquet).to_pydict()
     assert set(table) == {"caption", "jpg_0", "jpg_1", "label_0", "label_1"}
     assert all(a + b == 1.0 for a, b in zip(table["label_0"], table["label_1"]))
-    _, held_out = world.split_prompts(seed=0, n_eval=DemoConfig.quick().n_eval_prompts)
-    assert not set(table["caption"]) & set(held_out)  # evaluation prompts never reach the preference data
+    split = split_prompts(DemoConfig.quick(seed=QUICK_SEED))
+    # evaluation and validation prompts never reach the preference data
+    assert not set(table["caption"]) & (set(split.evaluation) | set(split.validation))
     for side in ("sft/pos", "sft/neg", "dpo_npo/pos", "dpo_npo/neg"):
         (adapter,) = cache.glob(f"adapters-*/{side}/pytorch_lora_weights.safetensors")
         assert adapter.stat().st_size > 0

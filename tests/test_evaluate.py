@@ -57,9 +57,9 @@ def test_pairs_by_prompt_and_seed_and_reports_win_rates(tmp_path):
     by_strength = {row["strength"]: row for row in rows}
     assert set(by_strength) == {1.0, 2.0}
     assert by_strength[2.0]["pairs"] == 4 and by_strength[2.0]["prompts"] == 2
-    expected_base = reward.taste_rewards([b[0] for b in baseline]).mean()
+    expected_base = reward.taste_rewards([b[0] for b in baseline], [b[1] for b in baseline]).mean()
     assert by_strength[2.0]["baseline_mean_score"] == pytest.approx(expected_base)
-    assert by_strength[2.0]["mean_score"] == pytest.approx(reward.taste_rewards([v[0] for v in vivid]).mean())
+    assert by_strength[2.0]["mean_score"] == pytest.approx(reward.taste_rewards([v[0] for v in vivid], [v[1] for v in vivid]).mean())
     assert by_strength[2.0]["win_rate"] == 1.0  # vivid beats washed out on every (prompt, seed)
     assert by_strength[1.0]["mean_score"] < by_strength[2.0]["mean_score"]
     assert "| taste | 2 | 4 |" in evaluate.format_rows(rows)

@@ -8,28 +8,61 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
-GRID_CELL = 64  # pixels per image in grid.png (nearest-neighbour upscaling keeps the pixels honest)
+GRID_CELL = 96  # pixels per image in grid.png (nearest-neighbour upscaling keeps the pixels honest)
+FONT_SIZE = 14
 
 
 def format_table(results: list[dict]) -> str:
     lines = [
-        "| method | strength | mean reward (± s.e.) | gain vs base CFG (± paired s.e.) | win rate vs base CFG |"
-        " beats base? | diversity | s / image |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | strength | chosen on validation | mean reward (± s.e.) | gain vs base CFG (± paired s.e.) |"
+        " win rate vs base CFG | beats base? | alignment | aesthetics | validation gain | diversity | s / image |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results:
-        strength = "-" if row["strength"] is None else f"{row['strength']:g}"
-        if row["strength"] is None:
-            verdict = "(baseline)"
-        else:
-            verdict = gain_verdict(row["mean_gain"], row["gain_sem"])
+        baseline = row["strength"] is None
+        strength = "-" if baseline else f"{row['strength']:g}"
+        verdict = "(baseline)" if baseline else gain_verdict(row["mean_gain"], row["gain_sem"])
+        chosen = "-" if baseline else ("**yes**" if row["chosen"] else "")
         lines.append(
-            f"| {row['method']} | {strength} | {row['mean_reward']:.3f} ± {row['reward_sem']:.3f} | "
+            f"| {row['method']} | {strength} | {chosen} | {row['mean_reward']:.3f} ± {row['reward_sem']:.3f} | "
             f"{row['mean_gain']:+.3f} ± {row['gain_sem']:.3f} | {row['win_rate']:.2f} | {verdict} | "
+            f"{row['mean_alignment']:.2f} | {row['mean_aesthetics']:.2f} | {row['val_mean_gain']:+.3f} | "
             f"{row['diversity']:.3f} | {row['seconds_per_image']:.3f} |"
         )
+    return "\n".join(lines)
+
+
+def format_chosen_table(results: list[dict]) -> str:
+    """The headline: each method at the strength chosen on the validation set, measured on the evaluation set."""
+    lines = ["| method | chosen strength | gain vs base CFG ± s.e. | gain / s.e. | win rate | beats base? | diversity |",
+             "|---|---|---|---|---|---|---|"]
+    for row in results:
+        if row["strength"] is None:
+            lines.append(f"| {row['method']} (reward {row['mean_reward']:.3f}) | - | - | - | - | (baseline) | "
+                         f"{row['diversity']:.3f} |")
+        elif row["chosen"]:
+            ratio = row["mean_gain"] / row["gain_sem"] if row["gain_sem"] > 0 else float("nan")
+            lines.append(f"| {row['method']} | {row['strength']:g} | {row['mean_gain']:+.3f} ± {row['gain_sem']:.3f} | "
+                         f"{ratio:+.1f} | {row['win_rate']:.2f} | {gain_verdict(row['mean_gain'], row['gain_sem'])} | "
+                         f"{row['diversity']:.3f} |")
+    return "\n".join(lines)
+
+
+def format_diagnosis(diagnosis: list[dict]) -> str:
+    lines = ["| method | s | cond part | uncond part | whole correction | cos(d(c), d(u)) | CFG direction |"
+             " cond part alone: gain (win) | uncond part alone: gain (win) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in diagnosis:
+        parts = []
+        for part in ("cond", "uncond"):
+            key = f"{part}_alone_gain"
+            parts.append(f"{row[key]:+.3f} ± {row[key + '_sem']:.3f} ({row[part + '_alone_win_rate']:.2f})"
+                         if key in row else "")
+        lines.append(f"| {row['method']} | {row['strength']:g} | {row['cond_part_norm']:.3f} | "
+                     f"{row['uncond_part_norm']:.3f} | {row['correction_norm']:.3f} | {row['cosine_cond_uncond']:+.2f} | "
+                     f"{row['cfg_direction_norm']:.3f} | {parts[0]} | {parts[1]} |")
     return "\n".join(lines)
 
 
@@ -42,14 +75,13 @@ def gain_verdict(gain: float, sem: float) -> str:
     return "no (within noise)"
 
 
-def write_report(out: Path, config, results, samples, eval_prompts, timings, device, *, base_cached: bool,
-                 total_seconds: float) -> dict[str, str]:
+def write_report(out: Path, config, results, diagnosis, samples, split, timings, cpu_timings, device, *, base_cached: bool,
+                 total_seconds: float, preference_stats: dict) -> dict[str, str]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = format_table(results)
-    print("\n" + table + "\n")
+    print("\n" + format_chosen_table(results) + "\n\n" + format_diagnosis(diagnosis) + "\n")
     files = {
-        "grid": str(write_grid(out / "grid.png", config, samples, eval_prompts)),
+        "grid": str(write_grid(out / "grid.png", config, results, samples, split.evaluation)),
         "strength": str(write_strength_plot(out / "strength.png", results)),
     }
     machine = {
@@ -58,64 +90,111 @@ def write_report(out: Path, config, results, samples, eval_prompts, timings, dev
     }
     payload = {
         "config": asdict(config),
+        "selection_rule": "per method, the strength with the largest mean paired gain over base CFG on the "
+                          "validation prompts x validation seeds (ties: the smaller strength)",
         "results": results,
-        "eval_prompts": list(eval_prompts),
+        "diagnosis": diagnosis,
+        "preference_data": preference_stats,
+        "prompts": {"evaluation": list(split.evaluation), "validation": list(split.validation),
+                    "preference": len(split.preference)},
         "timings_seconds": timings,
+        "cpu_seconds": cpu_timings,
         "total_seconds": round(total_seconds, 1),
         "base_model_cached": base_cached,
         "machine": machine,
     }
     (out / "report.json").write_text(json.dumps(payload, indent=2))
     files["json"] = str(out / "report.json")
-    (out / "report.md").write_text(_markdown(config, table, eval_prompts, timings, total_seconds, base_cached, machine))
+    markdown = _markdown(config, results, diagnosis, split, timings, cpu_timings, total_seconds, base_cached, machine,
+                         preference_stats)
+    (out / "report.md").write_text(markdown)
     files["markdown"] = str(out / "report.md")
     return files
 
 
-def _markdown(config, table, eval_prompts, timings, total_seconds, base_cached, machine) -> str:
+def _markdown(config, results, diagnosis, split, timings, cpu_timings, total_seconds, base_cached, machine, stats) -> str:
     phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
-    return f"""# cgkernels demo report
+    cpu = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in cpu_timings.items())
+    g = config.guidance_scale
+    return f"""# cgkernels demo report (pipeline seed {config.seed})
 
-Reward: the demo's hidden taste (cgkernels/demo/reward.py: vivid, high-contrast shapes on clean backgrounds).
-Win rate: share of (prompt, seed) pairs where the method's reward beats base CFG's on the same prompt and seed
-(ties count half). Gain: mean over those pairs of (method reward - base reward), with its standard error.
-"beats base?" = "yes" when the gain is more than two standard errors above zero, "worse" when more than two below. Diversity: mean RMS pixel distance
-between samples of one prompt with different seeds. Every strength of the sweep is listed; none is selected on
-these results.
+Reward: the demo's hidden taste (cgkernels/demo/reward.py): prompt alignment (colour, shape, size, position, each
+in [0, 1], weight 0.5) plus aesthetics (saturation + contrast - 2 clutter). Win rate: share of (prompt, seed) pairs
+where the method's reward beats base CFG's on the same prompt and seed (ties count half). Gain: mean over those pairs
+of (method reward - base reward), with its standard error. "beats base?" = "yes" when the gain is more than two
+standard errors above zero, "worse" when more than two below. Diversity: mean RMS pixel distance between samples of
+one prompt with different seeds.
 
-{len(eval_prompts)} held-out prompts x {len(config.eval_seeds)} evaluation seeds, {config.sample_steps} DDIM steps,
-guidance scale {config.guidance_scale}.
+**Strength rule, fixed before any result:** every method is sampled at strengths
+{", ".join(f"{s:g}" for s in config.strengths)} on {len(split.validation)} validation prompts x
+{len(config.val_seeds)} validation seeds; its chosen strength is the one with the largest mean gain there. All
+numbers below are on {len(split.evaluation)} other held-out evaluation prompts x {len(config.eval_seeds)} evaluation
+seeds, which select nothing. {config.sample_steps} DDIM steps, guidance scale {g:g}.
 
-{table}
+Preference data: {stats['pairs']} pairs ({config.samples_per_prompt} base samples at {config.pair_steps} DDIM steps for
+each of {len(split.preference)} preference prompts, every two a pair); labels agree with the reward on
+{stats['labels_agree_with_reward']:.0%} of them; winners / losers: reward {stats['winner_reward']:.3f} /
+{stats['loser_reward']:.3f}, alignment {stats['winner_alignment']:.3f} / {stats['loser_alignment']:.3f} (position
+{stats['winner_position']:.3f} / {stats['loser_position']:.3f}), aesthetics {stats['winner_aesthetics']:.3f} /
+{stats['loser_aesthetics']:.3f}.
+
+## Each method at its chosen strength
+
+{format_chosen_table(results)}
+
+## Diagnosis: the correction split into its cond and uncond parts
+
+eps = CFG(base) + w_c d(c) + w_u d(u) (see cgkernels/demo/diagnosis.py): with g = {g:g} published cPGD puts
+w_u = 1 - g = {1 - g:g} on what the adapters changed for the empty prompt. RMS norms (v-prediction units) on noised
+base samples of the validation prompts at timesteps {", ".join(str(t) for t in config.diagnosis_timesteps)}; the
+parts' reward effect is measured on the evaluation set (cond part alone = contrastive-cond at s*g, uncond part alone
+= contrastive-uncond at s*(1 - g)).
+
+{format_diagnosis(diagnosis)}
+
+## Every strength
+
+{format_table(results)}
 
 ![grid](grid.png)
 
-Rows: held-out prompts (first evaluation seed); columns: base CFG and each method at strength
-{config.grid_strength:g}.
+Rows: evaluation prompts (first evaluation seed); columns: base CFG and each method at its chosen strength.
 
-![reward vs strength](strength.png)
+![gain and win rate vs strength](strength.png)
 
 Wall time {total_seconds:.0f} s ({phases}; base model {'from cache' if base_cached else 'trained in this run'}),
-{machine['device']}, torch {machine['torch']}.
+{machine['device']}, torch {machine['torch']}. CPU time of the process per phase (what each phase costs on an
+otherwise idle machine, summed over threads): {cpu}.
 """
 
 
-def write_grid(path: Path, config, samples, eval_prompts) -> Path:
+def _font(size: int = FONT_SIZE):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def write_grid(path: Path, config, results, samples, eval_prompts) -> Path:
+    """Evaluation prompts (first seed) x [base CFG, each method at its chosen strength], cells upscaled nearest."""
     n_seeds = len(config.eval_seeds)
-    columns = [samples[0]] + [s for s in samples[1:] if s.strength == config.grid_strength]
-    label_height, label_width = 14, 230
-    width = label_width + GRID_CELL * len(columns)
-    height = label_height + GRID_CELL * len(eval_prompts)
-    canvas = Image.new("RGB", (width, height), "white")
+    chosen = {(row["method"], row["strength"]) for row in results if row["chosen"]}
+    columns = [samples[0]] + [s for s in samples[1:] if (s.method, s.strength) in chosen]
+    font = _font()
+    label_width, header = 262, 2 * FONT_SIZE + 10
+    canvas = Image.new("RGB", (label_width + GRID_CELL * len(columns), header + GRID_CELL * len(eval_prompts)), "white")
     draw = ImageDraw.Draw(canvas)
     for column, sample in enumerate(columns):
-        name = sample.method if sample.strength is None else f"{sample.method} {sample.strength:g}"
-        draw.text((label_width + column * GRID_CELL + 2, 1), name[:11], fill="black")
+        x = label_width + column * GRID_CELL + 2
+        name = sample.method.replace("contrastive-", "c-")  # "c-cond" / "c-uncond" fit a cell
+        draw.text((x, 2), name, fill="black", font=font)
+        draw.text((x, FONT_SIZE + 5), "" if sample.strength is None else f"s = {sample.strength:g}", fill="black",
+                  font=font)
         for row in range(len(eval_prompts)):
-            image = Image.fromarray(sample.images[row * n_seeds]).resize((GRID_CELL, GRID_CELL), Image.NEAREST)
-            canvas.paste(image, (label_width + column * GRID_CELL, label_height + row * GRID_CELL))
+            image = Image.fromarray(sample.evaluation[row * n_seeds]).resize((GRID_CELL, GRID_CELL), Image.NEAREST)
+            canvas.paste(image, (label_width + column * GRID_CELL, header + row * GRID_CELL))
     for row, prompt in enumerate(eval_prompts):
-        draw.text((2, label_height + row * GRID_CELL + GRID_CELL // 2 - 6), prompt, fill="black")
+        draw.text((4, header + row * GRID_CELL + GRID_CELL // 2 - FONT_SIZE // 2), prompt, fill="black", font=font)
     canvas.save(path)
     return path
 
@@ -126,19 +205,27 @@ def write_strength_plot(path: Path, results: list[dict]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base = next(row for row in results if row["strength"] is None)
-    figure, (reward_axis, win_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    figure, (gain_axis, win_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
     for method in dict.fromkeys(row["method"] for row in results if row["strength"] is not None):
         rows = [row for row in results if row["method"] == method]
         strengths = [row["strength"] for row in rows]
-        reward_axis.errorbar(strengths, [r["mean_reward"] for r in rows], yerr=[r["reward_sem"] for r in rows],
-                             marker="o", capsize=3, label=method)
+        line = gain_axis.errorbar(strengths, [r["mean_gain"] for r in rows], yerr=[r["gain_sem"] for r in rows],
+                                  marker="o", capsize=3, label=method)
         win_axis.plot(strengths, [r["win_rate"] for r in rows], marker="o", label=method)
-    reward_axis.axhline(base["mean_reward"], color="black", linestyle="--", label="base CFG")
+        for row in rows:
+            if row["chosen"]:  # the validation-chosen strength, ringed
+                gain_axis.plot(row["strength"], row["mean_gain"], "o", markersize=13, fillstyle="none",
+                               color=line[0].get_color())
+    gain_axis.axhline(0.0, color="black", linestyle="--", label="base CFG")
     win_axis.axhline(0.5, color="black", linestyle="--", label="parity")
-    reward_axis.set(xlabel="strength", ylabel="mean taste reward", title="reward vs strength")
-    win_axis.set(xlabel="strength", ylabel="win rate vs base CFG", title="win rate vs strength", ylim=(0, 1))
-    reward_axis.legend(fontsize=8)
+    win_axis.axhline(0.75, color="grey", linestyle=":", label="goal 0.75")
+    for axis in (gain_axis, win_axis):
+        axis.set_xscale("log", base=2)
+    gain_axis.set(xlabel="strength", ylabel="reward gain vs base CFG (evaluation)",
+                  title="gain vs strength (ringed: chosen on validation)")
+    win_axis.set(xlabel="strength", ylabel="win rate vs base CFG (evaluation)", title="win rate vs strength",
+                 ylim=(0, 1))
+    gain_axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -1,17 +1,25 @@
-"""The demo's phases: base model -> preference pairs -> adapters -> guided sampling -> measurement -> report.
+"""The demo's phases: base model -> preference pairs -> adapters -> guided sampling -> measurement -> diagnosis ->
+report.
 
 Every phase caches its product under OUT/cache keyed by everything that shapes it, so a second run only redoes
-what changed. Evaluation prompts are held out from the preference data and evaluation seeds are never used for
-anything but the final measurement (no strength is picked on them: the table shows the whole sweep).
+what changed.
+
+Strength selection (declared before any result): the prompts are split three ways by the seed: preference prompts
+(pairs and adapters), validation prompts and evaluation prompts. Every (method, strength) is sampled on the
+validation prompts with the validation seeds and on the evaluation prompts with the evaluation seeds; each method's
+"chosen" strength is the one with the largest mean paired gain over base CFG on the validation set (ties: the
+smaller strength). Evaluation prompts and seeds are used for nothing but the final measurement and the diagnosis.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +35,7 @@ METHODS = {
     "pgd": ("pgd", "dpo", None),
     "contrastive": ("contrastive", "sft_pos", "sft_neg"),
     "contrastive-cond": ("contrastive-cond", "sft_pos", "sft_neg"),
+    "contrastive-uncond": ("contrastive-uncond", "sft_pos", "sft_neg"),
     "npo": ("npo", None, "npo"),
     "merged": ("merged", "sft_pos", "sft_neg"),
 }
@@ -41,33 +50,58 @@ class DemoConfig:
     sample_steps: int = 15
     guidance_scale: float = 4.0
     n_eval_prompts: int = 8
-    n_pair_prompts: int = 60  # preference prompts used (of the non-held-out ones), each gives pairs_per_prompt pairs
-    pairs_per_prompt: int = 4
+    n_val_prompts: int = 8  # strength selection; disjoint from the evaluation and the preference prompts
+    n_pair_prompts: int | None = None  # preference prompts used (None: all the rest of the world)
+    samples_per_prompt: int = 8  # base samples per preference prompt; every two of them make a pair
+    pair_steps: int = 8  # DDIM steps for the preference samples (fewer than for evaluation: labels are relative)
     bt_temperature: float = 0.1
     adapter_rank: int = 4
-    adapter_steps: int = 160
+    adapter_steps: int = 600
     adapter_batch: int = 8
     adapter_lr: float = 3e-3
-    eval_seeds: tuple[int, ...] = (1000, 1001, 1002, 1003)  # offset from every seed used elsewhere
-    strengths: tuple[float, ...] = (1.0, 2.0, 4.0)
+    # Decay to zero: at a constant rate the last steps' gradient noise stays in the weights, and cPGD guides with
+    # the *difference* of two adapters, where that noise does not cancel.
+    adapter_lr_schedule: str = "cosine"
+    adapter_warmup_steps: int = 30
+    eval_seeds: tuple[int, ...] = (1000, 1001, 1002, 1003)
+    val_seeds: tuple[int, ...] = (2000, 2001, 2002, 2003)
+    pair_seed_offset: int = 10_000  # preference samples use seeds from here on: never an evaluation/validation seed
+    strengths: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     methods: tuple[str, ...] = tuple(METHODS)
-    grid_strength: float = 1.0  # the strength shown in grid.png (declared up front, not picked on results)
-    sample_batch: int = 32
+    sample_batch: int = 64
+    diagnosis_timesteps: tuple[int, ...] = (800, 500, 200)
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
-        """A smoke run of every phase in well under two minutes on two CPU cores."""
+        """A smoke run of every phase in about a minute on two CPU cores."""
         base = BaseModelConfig(resolution=16, unet_channels=(16, 32), text_width=32, text_layers=1,
                                n_train_images=600, steps=40, batch_size=16, lr=2e-3, warmup_steps=5)
-        settings = dict(base=base, sample_steps=3, n_eval_prompts=2, n_pair_prompts=4, pairs_per_prompt=2,
-                        adapter_rank=2, adapter_steps=2, adapter_batch=2, eval_seeds=(1000, 1001),
-                        strengths=(1.0,), grid_strength=1.0)
+        settings = dict(base=base, sample_steps=3, n_eval_prompts=2, n_val_prompts=2, n_pair_prompts=4,
+                        samples_per_prompt=3, pair_steps=2, adapter_rank=2, adapter_steps=2, adapter_batch=2,
+                        adapter_warmup_steps=0,
+                        eval_seeds=(1000, 1001), val_seeds=(2000, 2001), strengths=(0.5, 1.0),
+                        diagnosis_timesteps=(500,))
         settings.update(overrides)
         return cls(**settings)
 
     def key(self, *fields: str) -> str:
         blob = json.dumps({name: _jsonable(getattr(self, name)) for name in fields}, sort_keys=True)
         return hashlib.sha256((blob + self.base.key()).encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class PromptSplit:
+    preference: list[str]
+    validation: list[str]
+    evaluation: list[str]
+
+
+def split_prompts(config: DemoConfig) -> PromptSplit:
+    rest, evaluation = world.split_prompts(config.seed, config.n_eval_prompts)
+    validation, preference = rest[: config.n_val_prompts], rest[config.n_val_prompts:]
+    if config.n_pair_prompts is not None:
+        preference = preference[: config.n_pair_prompts]
+    return PromptSplit(preference, validation, evaluation)
 
 
 def _jsonable(value):
@@ -91,23 +125,27 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     device = pick_device()
     timings: dict[str, float] = {}
+    cpu_timings: dict[str, float] = {}  # CPU seconds of this process: what the phase costs without contention
 
     def timed(name, fn, *args):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = fn(*args)
         timings[name] = round(time.perf_counter() - start, 1)
+        cpu_timings[name] = round(time.process_time() - cpu_start, 1)
         return result
 
     model_dir, cached = timed("base model", cached_base_model, config.base, cache, device, progress)
-    pair_prompts, eval_prompts = world.split_prompts(config.seed, config.n_eval_prompts)
-    pair_prompts = pair_prompts[: config.n_pair_prompts]
-    parquet = timed("preference pairs", build_preference_pairs, config, model_dir, pair_prompts, cache, device, progress)
+    split = split_prompts(config)
+    parquet = timed("preference pairs", build_preference_pairs, config, model_dir, split.preference, cache, device, progress)
     adapters = timed("adapters", train_adapters, config, model_dir, parquet, cache, progress)
-    samples = timed("sampling", sample_methods, config, model_dir, adapters, eval_prompts, device, progress)
-    results = timed("measurement", measure, config, samples)
-    outputs = report.write_report(out, config, results, samples, eval_prompts, timings, device,
-                                  base_cached=cached, total_seconds=time.perf_counter() - started)
-    return {"results": results, "timings": timings, "files": outputs}
+    pipe = load_pipeline(model_dir, device)
+    samples = timed("sampling", sample_methods, config, pipe, adapters, split, progress)
+    results = timed("measurement", measure, config, samples, split)
+    diagnosis = timed("diagnosis", diagnose, config, pipe, samples, results, split)
+    outputs = report.write_report(out, config, results, diagnosis, samples, split, timings, cpu_timings, device,
+                                  base_cached=cached, total_seconds=time.perf_counter() - started,
+                                  preference_stats=preference_statistics(parquet))
+    return {"results": results, "diagnosis": diagnosis, "timings": timings, "files": outputs}
 
 
 def _generators(seeds) -> list[torch.Generator]:
@@ -115,7 +153,8 @@ def _generators(seeds) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
 
 
-def sample_images(pipe, prompts: list[str], seeds: list[int], config: DemoConfig, progress_bar=None) -> np.ndarray:
+def sample_images(pipe, prompts: list[str], seeds: list[int], config: DemoConfig, steps: int | None = None,
+                  progress_bar=None) -> np.ndarray:
     """uint8 [N, H, W, 3], one image per (prompt, seed), batched."""
     images = []
     for start in range(0, len(prompts), config.sample_batch):
@@ -125,8 +164,8 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], config: DemoConfig
             torch.randn((1, 3, config.base.resolution, config.base.resolution), generator=g)
             for g in _generators(batch_seeds)
         ]).to(pipe.device)
-        output = pipe(batch_prompts, num_inference_steps=config.sample_steps, guidance_scale=config.guidance_scale,
-                      latents=latents, output_type="np")
+        output = pipe(batch_prompts, num_inference_steps=steps or config.sample_steps,
+                      guidance_scale=config.guidance_scale, latents=latents, output_type="np")
         images.append(np.round(output.images * 255).astype(np.uint8))
         if progress_bar is not None:
             progress_bar.update(len(batch_prompts))
@@ -135,28 +174,68 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], config: DemoConfig
 
 def build_preference_pairs(config: DemoConfig, model_dir: Path, prompts: list[str], cache: Path,
                            device: torch.device, progress: bool) -> Path:
-    """Two base-model samples per pair, scored by the taste and labelled with Bradley-Terry noise."""
-    path = cache / f"pairs-{config.key('seed', 'sample_steps', 'guidance_scale', 'n_eval_prompts', 'n_pair_prompts', 'pairs_per_prompt', 'bt_temperature')}.parquet"
+    """`samples_per_prompt` base samples per prompt (pair_steps DDIM steps), every two of one prompt a pair, scored
+    by the taste and labelled with Bradley-Terry noise (as Pick-a-Pic shows annotators several images per prompt)."""
+    fields = ("seed", "pair_steps", "guidance_scale", "n_eval_prompts", "n_val_prompts", "n_pair_prompts",
+              "samples_per_prompt", "bt_temperature", "pair_seed_offset")
+    path = cache / f"pairs-{config.key(*fields)}-{_reward_fingerprint()}.parquet"
     if path.exists():
         return path
     pipe = load_pipeline(model_dir, device)
-    captions = [p for p in prompts for _ in range(config.pairs_per_prompt)]
-    # Seeds 0..2N-1 here; evaluation seeds start at 1000, so the two never meet.
-    seeds_0 = [2 * i for i in range(len(captions))]
-    seeds_1 = [2 * i + 1 for i in range(len(captions))]
-    with tqdm(total=2 * len(captions), desc="preference pairs", disable=not progress) as bar:
-        images = sample_images(pipe, captions + captions, seeds_0 + seeds_1, config, bar)
-    images_0, images_1 = images[: len(captions)], images[len(captions):]
-    rewards_0, rewards_1 = reward.taste_rewards(images_0), reward.taste_rewards(images_1)
-    labels_0 = reward.bradley_terry_labels(rewards_0, rewards_1, config.bt_temperature, config.seed)
-    return reward.write_pickapic_parquet(path, captions, images_0, images_1, labels_0)
+    k = config.samples_per_prompt
+    captions = [p for p in prompts for _ in range(k)]
+    seeds = [config.pair_seed_offset + i for i in range(len(captions))]
+    with tqdm(total=len(captions), desc="preference samples", disable=not progress) as bar:
+        images = sample_images(pipe, captions, seeds, replace(config, sample_batch=4 * config.sample_batch),
+                               steps=config.pair_steps, progress_bar=bar)
+    rewards = reward.taste_rewards(images, captions)
+    first, second = zip(*[(p * k + i, p * k + j) for p in range(len(prompts)) for i, j in combinations(range(k), 2)])
+    first, second = np.asarray(first), np.asarray(second)
+    labels_0 = reward.bradley_terry_labels(rewards[first], rewards[second], config.bt_temperature, config.seed)
+    return reward.write_pickapic_parquet(path, [captions[i] for i in first], images[first], images[second], labels_0)
+
+
+def _reward_fingerprint() -> str:
+    # Labels come from the taste: editing reward.py invalidates cached pairs (and, through the file name, adapters).
+    return hashlib.sha256((Path(__file__).parent / "reward.py").read_bytes()).hexdigest()[:8]
+
+
+def preference_statistics(parquet: Path) -> dict:
+    """How well the labels follow the taste, and how much the winners beat the losers on each of its parts."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    table = pq.read_table(parquet).to_pydict()
+    winners, losers = [], []
+    for caption, a, b, label in zip(table["caption"], table["jpg_0"], table["jpg_1"], table["label_0"]):
+        terms = [reward.taste_terms(np.asarray(Image.open(io.BytesIO(x)).convert("RGB")), caption) for x in (a, b)]
+        win, lose = (terms[0], terms[1]) if label == 1.0 else (terms[1], terms[0])
+        winners.append(win)
+        losers.append(lose)
+
+    def mean(rows, fn):
+        return float(np.mean([fn(t) for t in rows]))
+
+    total = lambda t: reward.aesthetics(t) + reward.ALIGNMENT_WEIGHT * reward.alignment(t) - (t["coverage"] < reward.MIN_COVERAGE)
+    stats = {"pairs": len(winners), "labels_agree_with_reward": mean(
+        range(len(winners)), lambda i: float(total(winners[i]) >= total(losers[i])))}
+    for name, fn in (("reward", total), ("aesthetics", reward.aesthetics), ("alignment", reward.alignment),
+                     ("position", lambda t: t["position"])):
+        stats[f"winner_{name}"], stats[f"loser_{name}"] = mean(winners, fn), mean(losers, fn)
+    return stats
+
+
+ADAPTER_FIELDS = ("adapter_rank", "adapter_steps", "adapter_batch", "adapter_lr", "adapter_lr_schedule",
+                  "adapter_warmup_steps")
 
 
 def train_adapters(config: DemoConfig, model_dir: Path, parquet: Path, cache: Path, progress: bool) -> dict[str, Path]:
     """sft -> sft_pos / sft_neg (cPGD); dpo+npo in one pass -> dpo (PGD's module) / npo (NPO's negative module)."""
     from cgkernels.train import TrainConfig, train
 
-    folder = cache / f"adapters-{parquet.stem}-{config.key('adapter_rank', 'adapter_steps', 'adapter_batch', 'adapter_lr')}"
+    folder = cache / f"adapters-{parquet.stem}-{config.key(*ADAPTER_FIELDS)}"
     runs = {"sft": {"sft_pos": "pos", "sft_neg": "neg"}, "dpo+npo": {"dpo": "pos", "npo": "neg"}}
     adapters = {}
     for objective, names in runs.items():
@@ -167,6 +246,7 @@ def train_adapters(config: DemoConfig, model_dir: Path, parquet: Path, cache: Pa
                 model=str(model_dir), dataset=str(parquet), dataset_format="pickapic", objective=objective,
                 output_dir=str(run_dir), rank=config.adapter_rank, lr=config.adapter_lr,
                 batch_size=config.adapter_batch, max_steps=config.adapter_steps, resolution=config.base.resolution,
+                lr_scheduler=config.adapter_lr_schedule, lr_warmup_steps=config.adapter_warmup_steps,
                 random_flip=False,  # a flip would turn "left" into "right"
                 seed=config.seed, checkpoint_every=0, progress=progress,
             ))
@@ -178,60 +258,102 @@ def train_adapters(config: DemoConfig, model_dir: Path, parquet: Path, cache: Pa
 class MethodSamples:
     method: str
     strength: float | None
-    images: np.ndarray  # [prompts * seeds, H, W, 3] uint8, prompt-major
+    validation: np.ndarray  # [validation prompts * validation seeds, H, W, 3] uint8, prompt-major
+    evaluation: np.ndarray  # [evaluation prompts * evaluation seeds, H, W, 3] uint8, prompt-major
     seconds_per_image: float
 
 
-def sample_methods(config: DemoConfig, model_dir: Path, adapters: dict[str, Path], prompts: list[str],
-                   device: torch.device, progress: bool) -> list[MethodSamples]:
-    import cgkernels
+def _prompt_seed_grid(prompts: list[str], seeds) -> tuple[list[str], list[int]]:
+    return [p for p in prompts for _ in seeds], [int(s) for _ in prompts for s in seeds]
 
-    all_prompts = [p for p in prompts for _ in config.eval_seeds]
-    all_seeds = [s for _ in prompts for s in config.eval_seeds]
+
+def sample_methods(config: DemoConfig, pipe, adapters: dict[str, Path], split: PromptSplit,
+                   progress: bool) -> list[MethodSamples]:
+    """Base CFG, then every method at every strength, each on the validation and the evaluation grid in one batch.
+    Leaves the adapters loaded (unpatched) for the diagnosis."""
+    val_prompts, val_seeds = _prompt_seed_grid(split.validation, config.val_seeds)
+    eval_prompts, eval_seeds = _prompt_seed_grid(split.evaluation, config.eval_seeds)
+    n_val = len(val_prompts)
     runs = 1 + len(config.methods) * len(config.strengths)
-    bar = tqdm(total=runs * len(all_prompts), desc="guided sampling", disable=not progress)
+    bar = tqdm(total=runs * (n_val + len(eval_prompts)), desc="guided sampling", disable=not progress)
 
-    def timed_sample(pipe) -> tuple[np.ndarray, float]:
+    def timed_sample(method, strength) -> MethodSamples:
         start = time.perf_counter()
-        images = sample_images(pipe, all_prompts, all_seeds, config, bar)
-        return images, (time.perf_counter() - start) / len(all_prompts)
+        images = sample_images(pipe, val_prompts + eval_prompts, val_seeds + eval_seeds, config, progress_bar=bar)
+        seconds = (time.perf_counter() - start) / len(images)
+        return MethodSamples(method, strength, images[:n_val], images[n_val:], seconds)
 
-    pipe = load_pipeline(model_dir, device)
-    samples = [MethodSamples(BASE_METHOD, None, *timed_sample(pipe))]  # plain pipeline, no adapters loaded
+    samples = [timed_sample(BASE_METHOD, None)]  # plain pipeline, no adapters loaded
     for name, path in adapters.items():
         pipe.load_lora_weights(str(path), adapter_name=name)
     for method in config.methods:
-        mode, positive, negative = METHODS[method]
         for strength in config.strengths:
-            cgkernels.patch(pipe, guidance=mode, positive=positive, negative=negative, strength=strength)
-            try:
-                samples.append(MethodSamples(method, strength, *timed_sample(pipe)))
-            finally:
-                cgkernels.unpatch(pipe)
+            with patched(pipe, method, strength):
+                samples.append(timed_sample(method, strength))
     bar.close()
     return samples
 
 
-def measure(config: DemoConfig, samples: list[MethodSamples]) -> list[dict]:
-    """Mean reward, paired gain and win rate against base CFG on the same prompt and seed, diversity, seconds per
-    image. The gain's standard error is over (prompt, seed) pairs, so it says whether a difference is noise."""
-    n_seeds = len(config.eval_seeds)
-    base_rewards = reward.taste_rewards(samples[0].images)
+@contextlib.contextmanager
+def patched(pipe, method: str, strength: float, mode: str | None = None):
+    """cgkernels.patch with a demo method's adapters (and its guidance mode, unless `mode` overrides it)."""
+    import cgkernels
+
+    default_mode, positive, negative = METHODS[method]
+    cgkernels.patch(pipe, guidance=mode or default_mode, positive=positive, negative=negative, strength=strength)
+    try:
+        yield pipe
+    finally:
+        cgkernels.unpatch(pipe)
+
+
+def paired_statistics(rewards: np.ndarray, base_rewards: np.ndarray) -> dict[str, float]:
+    return {
+        "mean_reward": float(rewards.mean()),
+        "reward_sem": standard_error(rewards),
+        "mean_gain": float((rewards - base_rewards).mean()),
+        "gain_sem": paired_sem(rewards, base_rewards),
+        "win_rate": win_rate(rewards, base_rewards),
+    }
+
+
+def measure(config: DemoConfig, samples: list[MethodSamples], split: PromptSplit) -> list[dict]:
+    """One row per (method, strength): evaluation mean reward, paired gain and win rate against base CFG on the same
+    prompt and seed, diversity, seconds per image; the validation gain and win rate; "chosen" on the strength with
+    the largest validation gain of each method (see the module docstring). Gains' standard errors are over
+    (prompt, seed) pairs."""
+    val_prompts, _ = _prompt_seed_grid(split.validation, config.val_seeds)
+    eval_prompts, _ = _prompt_seed_grid(split.evaluation, config.eval_seeds)
+    base_val = reward.taste_rewards(samples[0].validation, val_prompts)
+    base_eval = reward.taste_rewards(samples[0].evaluation, eval_prompts)
     rows = []
     for sample in samples:
-        rewards = base_rewards if sample.method == BASE_METHOD else reward.taste_rewards(sample.images)
+        rewards = reward.taste_rewards(sample.evaluation, eval_prompts)
+        val = paired_statistics(reward.taste_rewards(sample.validation, val_prompts), base_val)
+        terms = [reward.taste_terms(image, prompt) for image, prompt in zip(sample.evaluation, eval_prompts)]
         rows.append({
             "method": sample.method,
             "strength": sample.strength,
-            "mean_reward": float(rewards.mean()),
-            "reward_sem": standard_error(rewards),
-            "mean_gain": float((rewards - base_rewards).mean()),
-            "gain_sem": paired_sem(rewards, base_rewards),
-            "win_rate": win_rate(rewards, base_rewards),
-            "diversity": diversity(sample.images, n_seeds),
+            **paired_statistics(rewards, base_eval),
+            "mean_alignment": float(np.mean([reward.alignment(t) for t in terms])),
+            "mean_aesthetics": float(np.mean([reward.aesthetics(t) for t in terms])),
+            "val_mean_gain": val["mean_gain"],
+            "val_gain_sem": val["gain_sem"],
+            "val_win_rate": val["win_rate"],
+            "diversity": diversity(sample.evaluation, len(config.eval_seeds)),
             "seconds_per_image": sample.seconds_per_image,
+            "chosen": False,
         })
+    mark_chosen(rows)
     return rows
+
+
+def mark_chosen(rows: list[dict]) -> None:
+    """Per method, "chosen" = the strength with the largest validation gain (ties: the smaller strength)."""
+    for method in dict.fromkeys(row["method"] for row in rows if row["strength"] is not None):
+        candidates = [row for row in rows if row["method"] == method]
+        best = max(candidates, key=lambda row: (row["val_mean_gain"], -row["strength"]))
+        best["chosen"] = True
 
 
 def standard_error(values: np.ndarray) -> float:
@@ -252,6 +374,26 @@ def diversity(images: np.ndarray, n_seeds: int) -> float:
         for j in range(i + 1, n_seeds):
             distances.append(np.sqrt(((flat[:, i] - flat[:, j]) ** 2).mean(axis=-1)))
     return float(np.mean(distances)) if distances else 0.0
+
+
+def diagnose(config: DemoConfig, pipe, samples: list[MethodSamples], results: list[dict], split: PromptSplit) -> list[dict]:
+    """Each method's correction to base CFG at its chosen strength, split into its cond and uncond parts."""
+    from cgkernels.demo.diagnosis import correction_parts, part_alone_rewards
+
+    chosen = {row["method"]: row["strength"] for row in results if row["chosen"]}
+    x0_prompts, _ = _prompt_seed_grid(split.validation, config.val_seeds)
+    rows = correction_parts(pipe, config, chosen, samples[0].validation, x0_prompts)
+    if "contrastive" in chosen:
+        eval_prompts, eval_seeds = _prompt_seed_grid(split.evaluation, config.eval_seeds)
+        base_eval = reward.taste_rewards(samples[0].evaluation, eval_prompts)
+
+        def sample_part(mode: str, strength: float) -> dict:
+            with patched(pipe, "contrastive", strength, mode=mode):
+                images = sample_images(pipe, eval_prompts, eval_seeds, config)
+            return paired_statistics(reward.taste_rewards(images, eval_prompts), base_eval)
+
+        part_alone_rewards(rows, chosen["contrastive"], config.guidance_scale, sample_part)
+    return rows
 
 
 def config_for(quick: bool, *, seed: int = 0, **overrides) -> DemoConfig:
