@@ -38,8 +38,9 @@ MODES = ("contrastive", "contrastive-cond", "contrastive-uncond", "pgd", "npo", 
 POSITIVE, NEGATIVE, NPO_UNCOND, MERGED, USER = "positive", "negative", "npo_uncond", "merged", "user"
 
 # Modes whose guidance acts through the unconditional prediction: without one (a guidance-distilled model such as
-# FLUX.1-dev run without true CFG) npo has nothing to act on and contrastive-cond is plain contrastive.
-NEEDS_UNCOND = ("contrastive-cond", "npo")
+# FLUX.1-dev run without true CFG) npo and contrastive-uncond have nothing to act on and contrastive-cond is plain
+# contrastive.
+NEEDS_UNCOND = ("contrastive-cond", "contrastive-uncond", "npo")
 
 UNCOND, COND = 0, 1  # index of the prompt half in the pipeline's CFG batch [uncond x B, cond x B]
 
@@ -179,14 +180,16 @@ def row_plan(config: GuidanceConfig, *, cfg: bool, guidance_scale: float, user_m
 def two_call_cfg_plan(config: GuidanceConfig, *, prompt: int, guidance_scale: float,
                       user_mix: str | None = None) -> RowPlan:
     """The branches of ONE of the two denoiser calls of a pipeline that runs CFG as separate calls and mixes their
-    outputs as U' + g (C' - U') (Flux's true CFG): the uncond call (prompt=UNCOND) returns U' = U, the cond call
-    C' = C + D / g, so that the pipeline's mix is the mode's (1 - g) U + g C + D. No guidance rescale (ref_coeffs 0).
+    outputs as U' + g (C' - U') (Flux's true CFG). Each call can only run branches at its own prompt, so the terms of
+    D (added after CFG) go to the call of their prompt: the uncond call returns U' = U + D_u / (1 - g), the cond call
+    C' = C + D_c / g, and the pipeline's mix is the mode's (1 - g) U + g C + D. No guidance rescale (ref_coeffs 0).
     """
     g = float(guidance_scale)
     if not g > 1.0:
         raise ValueError(f"two-call CFG needs a guidance scale > 1, got {g}")
     uncond, cond, extra = _terms(config, user_mix)
-    terms = uncond if prompt == UNCOND else cond + [(p, m, w / g) for p, m, w in extra]
+    weight = 1.0 - g if prompt == UNCOND else g
+    terms = (uncond if prompt == UNCOND else cond) + [(p, m, w / weight) for p, m, w in extra if p == prompt]
     coeff: dict[str | None, float] = {}
     for _, mix, w in terms:
         coeff[mix] = coeff.get(mix, 0.0) + w

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import cgkernels
-from cgkernels.guidance import COND, UNCOND, GuidanceConfig, is_guided_step, row_plan, two_call_cfg_plan
+from cgkernels.guidance import COND, MODES, UNCOND, GuidanceConfig, is_guided_step, row_plan, two_call_cfg_plan
 from cgkernels.testing import add_random_lora, fp32_merge_atol, tiny_sd_pipeline
 
 def test_row_counts_and_coefficients():
@@ -20,7 +20,7 @@ def test_row_counts_and_coefficients():
     assert [b.mix for b in pgd_full.branches] == ["positive", "positive"]  # s = 1: the base rows drop out
     assert [b.prompt for b in pgd_full.branches] == [UNCOND, COND]
 
-@pytest.mark.parametrize("mode", ["contrastive", "contrastive-cond", "pgd", "npo", "merged", "cfg"])
+@pytest.mark.parametrize("mode", MODES)
 def test_two_call_cfg_plans_mix_into_the_one_call_plan(mode):
     """Flux true CFG: the pipeline mixes its uncond call U' and cond call C' as U' + g (C' - U'); with the two
     plans' coefficients that must be exactly the one-call CFG plan's coefficients per branch."""
@@ -56,7 +56,7 @@ def _guider_step(guider, unet, latents, t, cond, uncond, step, num_steps):
         guider.cleanup_models(unet)
     return guider(batches).pred, len(batches)
 
-@pytest.mark.parametrize("mode", ["contrastive", "contrastive-cond", "pgd", "npo"])
+@pytest.mark.parametrize("mode", ["contrastive", "contrastive-cond", "contrastive-uncond", "pgd", "npo"])
 def test_guider_matches_patched_unet(pipe, mode):
     torch.manual_seed(0)
     latents, t = torch.randn(2, 4, 16, 16), torch.tensor(400)
@@ -81,7 +81,7 @@ def test_guider_matches_patched_unet(pipe, mode):
         pipe.unet.disable_lora()
         u, c = pipe.unet(torch.cat([latents] * 2), t, torch.cat([uncond, cond]), return_dict=False)[0].chunk(2)
         pipe.unet.enable_lora()
-    assert n_branches == {"contrastive": 6, "contrastive-cond": 4, "pgd": 4, "npo": 2}[mode]
+    assert n_branches == {"contrastive": 6, "contrastive-cond": 4, "contrastive-uncond": 4, "pgd": 4, "npo": 2}[mode]
     # The guider (one UNet call per branch) and the one-pass path (one batched call) round differently: the bound is
     # derived from the branch magnitudes and the merge coefficients, not from one CPU's observed differences.
     plan = row_plan(GuidanceConfig(mode=mode, strength=s, merge_weight=0.3), cfg=True, guidance_scale=g)

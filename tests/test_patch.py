@@ -101,6 +101,9 @@ class Reference:
         elif mode == "contrastive-cond":
             e = {y: ev(None, y) for y in halves}
             extra = s * (ev(pos, C) - ev(neg, C))
+        elif mode == "contrastive-uncond":  # needs CFG (the patch refuses it without)
+            e = {y: ev(None, y) for y in halves}
+            extra = s * (ev(pos, U) - ev(neg, U))
         elif mode == "pgd":
             e = {y: ev(None, y) + s * (ev(pos, y) - ev(None, y)) for y in halves}
         elif mode == "npo":
@@ -183,7 +186,8 @@ def _check(pipe, patch_kwargs, call_kwargs=None, rows=None, run=_run):
         assert (out - base).abs().max() > 10 * atol
     return out
 
-@pytest.mark.parametrize("mode", ["contrastive", "contrastive-cond", "pgd", "npo", "merged", "cfg"])
+@pytest.mark.parametrize("mode", ["contrastive", "contrastive-cond", "contrastive-uncond", "pgd", "npo", "merged",
+                                  "cfg"])
 def test_mode_matches_reference(pipe, mode):
     _check(pipe, dict(guidance=mode, strength=1.5, merge_weight=0.25))
 

@@ -28,7 +28,7 @@ SEQ = 8
 STEPS = 3
 PATCH = dict(strength=1.5, merge_weight=0.25)
 TRUE_CFG = dict(negative_prompt=["blue square"], true_cfg_scale=3.0)
-ALL_MODES = ("contrastive", "contrastive-cond", "pgd", "npo", "merged", "cfg")
+ALL_MODES = ("contrastive", "contrastive-cond", "contrastive-uncond", "pgd", "npo", "merged", "cfg")
 
 
 def _with_adapters(pipe, targets):
@@ -206,7 +206,7 @@ def test_refused_modes_and_pipelines(pipes):
     from diffusers import FluxPipeline
 
     flux, sd3 = pipes["flux"], pipes["sd3"]
-    for mode in ("npo", "contrastive-cond"):
+    for mode in ("npo", "contrastive-cond", "contrastive-uncond"):
         cgkernels.patch(flux, guidance=mode)
         try:
             with pytest.raises(ValueError, match=f"guidance='{mode}' needs an unconditional.*true_cfg_scale > 1"):

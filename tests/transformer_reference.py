@@ -21,7 +21,8 @@ What the pipelines (diffusers 0.42.1) pass to the transformer, per call:
 So the reference answers SD3's single call with [ε, ε] (the pipeline's CFG of two equal halves is ε), and each of
 Flux's calls with its own half: ẽ(c) on the cond call and ẽ(∅) on the uncond call; the pipeline then does the true
 CFG mix (in the latents' dtype). For contrastive-cond the extra s·(p(c) − n(c)) is put on the cond call divided by
-true_cfg_scale, so the pipeline's mix adds exactly s·(p(c) − n(c)).
+true_cfg_scale G, and for contrastive-uncond the extra s·(p(∅) − n(∅)) on the uncond call divided by 1 − G, so the
+pipeline's mix adds exactly that term.
 """
 from __future__ import annotations
 
@@ -35,9 +36,9 @@ BATCH_INPUTS = {
     "flux": ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections", "guidance"),
 }
 STATIC_INPUTS = {"sd3": (), "flux": ("txt_ids", "img_ids")}
-MODES = ("base", "contrastive", "contrastive-cond", "pgd", "npo", "merged", "cfg")
+MODES = ("base", "contrastive", "contrastive-cond", "contrastive-uncond", "pgd", "npo", "merged", "cfg")
 # Without an unconditional branch these modes have nothing to act on.
-NEED_UNCOND = ("contrastive-cond", "npo")
+NEED_UNCOND = ("contrastive-cond", "contrastive-uncond", "npo")
 
 
 def pipeline_family(pipe) -> str:
@@ -137,23 +138,25 @@ class TransformerReference:
             g = self.pipe.guidance_scale
             if mode == "base":
                 return (torch.cat([e["u"], e["c"]]).to(hidden.dtype),)
-            eps = e["u"] + g * (e["c"] - e["u"]) + extra
+            eps = e["u"] + g * (e["c"] - e["u"]) + extra.get("c", 0.0) + extra.get("u", 0.0)
             return (torch.cat([eps, eps]).to(hidden.dtype),)
         rows = slice(0, hidden.shape[0])
         if self.true_cfg is not None:  # Flux true CFG: cond call first, then the uncond call, each step
             half = "c" if self.calls_in_step % 2 == 1 else "u"
             e, extra = self._halves(mode, {half: rows}, ev)
-            return ((e[half] + extra / self.true_cfg if half == "c" else e[half]).to(hidden.dtype),)
+            weight = self.true_cfg if half == "c" else 1.0 - self.true_cfg
+            return ((e[half] + extra.get(half, 0.0) / weight).to(hidden.dtype),)
         # No unconditional rows (SD3 with guidance_scale <= 1, as the UNet modes; Flux without true CFG, where
         # __init__ refused the modes that need them): the cond half alone.
         e, extra = self._halves(mode, {"c": rows}, ev)
-        return ((e["c"] + extra).to(hidden.dtype),)
+        return ((e["c"] + extra.get("c", 0.0)).to(hidden.dtype),)
 
     def _halves(self, mode: str, halves: dict, ev):
-        """Each half's guided prediction ẽ(y) in float64, and contrastive-cond's extra term (0 elsewhere)."""
+        """Each half's guided prediction ẽ(y) in float64, and the term added after CFG per half it is computed on
+        (contrastive-cond: s·(p(c) − n(c)); contrastive-uncond: s·(p(∅) − n(∅)); none elsewhere)."""
         s = self.s
         pos, neg = {"pos": 1.0}, {"neg": 1.0}
-        extra = 0.0
+        extra = {}
         if mode == "base":
             e = {y: ev(None, r) for y, r in halves.items()}
         elif mode == "contrastive":
@@ -161,7 +164,11 @@ class TransformerReference:
         elif mode == "contrastive-cond":
             e = {y: ev(None, r) for y, r in halves.items()}
             if "c" in halves:
-                extra = s * (ev(pos, halves["c"]) - ev(neg, halves["c"]))
+                extra["c"] = s * (ev(pos, halves["c"]) - ev(neg, halves["c"]))
+        elif mode == "contrastive-uncond":
+            e = {y: ev(None, r) for y, r in halves.items()}
+            if "u" in halves:
+                extra["u"] = s * (ev(pos, halves["u"]) - ev(neg, halves["u"]))
         elif mode == "pgd":
             e = {y: ev(None, r) + s * (ev(pos, r) - ev(None, r)) for y, r in halves.items()}
         elif mode == "npo":
