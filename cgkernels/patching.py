@@ -156,7 +156,8 @@ def _flux_layout(pipe, caller_locals, inputs: dict, config: GuidanceConfig) -> _
             raise ValueError(
                 f"guidance={config.mode!r} needs an unconditional prediction, which a guidance-distilled Flux "
                 "model has only under true CFG: call the pipeline with true_cfg_scale > 1 and a negative_prompt"
-                + (" (without one, contrastive-cond is guidance='contrastive')" if config.mode != "npo" else ""))
+                + (" (without one, contrastive-cond is guidance='contrastive')"
+                   if config.mode == "contrastive-cond" else ""))
         return _CallLayout("cond")
     g = float(caller_locals["true_cfg_scale"])
     text = inputs.get("encoder_hidden_states")
@@ -261,13 +262,15 @@ def patch(
     """Make `pipe` run preference guidance in one batched UNet / transformer pass per step (per call of Flux's
     true CFG, which makes two). Returns `pipe`.
 
-    guidance: "contrastive" | "contrastive-cond" | "pgd" | "npo" | "merged" | "cfg" (see cgkernels.guidance).
+    guidance: "contrastive" | "contrastive-cond" | "contrastive-uncond" | "pgd" | "npo" | "merged" | "cfg" (see
+        cgkernels.guidance).
     positive / negative: names of LoRA adapters loaded with pipe.load_lora_weights(..., adapter_name=...).
     strength s, guided window [start, stop) as fractions of the step count, NPO's merge_weight.
     Adapters enter at their configured scale (set_adapters weights are ignored, except by mode "cfg"), are read
     now (patch after loading them), and only UNet / transformer adapters are branch-specific: see the module
     docstring. The UNet / transformer may be compiled before or after patching (torch.compile(pipe.unet) or
-    pipe.unet.compile()). Flux: guidance="npo" / "contrastive-cond" need true CFG (a ValueError at the call says so).
+    pipe.unet.compile()). Flux: guidance="npo" / "contrastive-cond" / "contrastive-uncond" need true CFG (a ValueError
+    at the call says so).
     """
     check_pipeline(pipe)
     if is_patched(pipe):
