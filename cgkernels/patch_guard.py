@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["SUPPORTED_PIPELINES", "SUPPORTED_DTYPES", "supported_pipeline_classes", "check_pipeline",
-           "check_dtype", "check_offload", "calling_pipeline", "calling_pipeline_locals", "AdapterGuard"]
+           "check_dtype", "check_offload", "check_weight_hooks", "calling_pipeline", "calling_pipeline_locals", "AdapterGuard"]
 
 # diffusers pipelines whose denoising loop calls the UNet once per step on the CFG batch [uncond, cond], with every
 # batch-dim input (latents, masked-image latents, added conditioning, IP-Adapter image embeds, ControlNet residuals)
@@ -98,6 +98,25 @@ def check_offload(module, attr: str = "unet") -> None:
             "keep offloaded. Use pipe.enable_model_cpu_offload() instead (before or after patching), or remove the "
             "hooks (pipe.remove_all_hooks())"
         )
+
+
+# diffusers hooks that keep a layer's weights in another dtype (layerwise casting) or on another device (group
+# offloading) outside that layer's own forward, where the fused segmented layers read them.
+_WEIGHT_HOOKS = ("layerwise_casting", "group_offloading")
+
+
+def check_weight_hooks(module, attr: str = "unet") -> None:
+    """Refuse diffusers' enable_layerwise_casting / enable_group_offload on the denoiser (patch time: one scan)."""
+    for name, sub in module.named_modules():
+        registry = sub.__dict__.get("_diffusers_hook")
+        found = [hook for hook in _WEIGHT_HOOKS if registry is not None and hook in registry.hooks]
+        if found:
+            raise ValueError(
+                f"pipe.{attr}.{name or '(root)'} has diffusers' {found[0]} hook, which cgkernels.patch does not "
+                "support: it keeps the weights cast or offloaded outside each layer's own forward, where the fused "
+                "LoRA layers read them. Load the model in the compute dtype (torch_dtype=...) and use "
+                "pipe.enable_model_cpu_offload() instead"
+            )
 
 
 def calling_pipeline():

@@ -86,6 +86,7 @@ from cgkernels.patch_guard import (
     check_dtype,
     check_offload,
     check_pipeline,
+    check_weight_hooks,
     guidance_pipeline,
 )
 
@@ -283,6 +284,7 @@ def patch(
         raise ValueError(f"pipe.{denoiser.attr} is already patched (shared with another pipeline?); unpatch that one "
                          "first")
     check_offload(module, denoiser.attr)
+    check_weight_hooks(module, denoiser.attr)
     slot = _forward_slot(module)
     # The module's own forward: under accelerate's offload hook that is the one the hook calls, not the hook.
     original_forward = module.__dict__[slot] if slot == _HOOKED_SLOT else module.forward

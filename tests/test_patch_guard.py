@@ -132,3 +132,13 @@ def test_unsupported_dtype_and_pipeline_refused_at_patch_time():
 
     with pytest.raises(ValueError, match="supports StableDiffusionPipeline.*; got CustomPipeline"):
         cgkernels.patch(CustomPipeline(**pipe.to(torch.float32).components))
+
+
+def test_diffusers_layerwise_casting_is_refused_at_patch_time():
+    """enable_layerwise_casting keeps weights in the storage dtype outside each layer's forward, where the fused
+    layers read them: refused by name at patch time (before: a dtype TypeError at the first step)."""
+    pipe = _pipe()
+    pipe.unet.enable_layerwise_casting(storage_dtype=torch.bfloat16, compute_dtype=torch.float32)
+    with pytest.raises(ValueError, match="layerwise_casting"):
+        cgkernels.patch(pipe)
+    assert not cgkernels.patching.is_patched(pipe)
