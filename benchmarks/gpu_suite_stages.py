@@ -561,24 +561,11 @@ def _end_to_end(ctx):
 def _train_step(ctx):
     sys.path.insert(0, str(REPO / "benchmarks"))
     import test_bench_train as tb
-
-    from cgkernels.lora_layers import attach_segmented_lora
-    from cgkernels.train import trainer as T
+    from bench_steps import make_train_step
 
     unet, params, inputs, optimizer = tb._setup()
     for batching in ("separate", "joint"):
-        handle = attach_segmented_lora(unet, {"pos": {"pos": 1.0}, "neg": {"neg": 1.0}}, trainable=True) \
-            if batching == "joint" else None
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            with tb._autocast():
-                if batching == "joint":
-                    T.joint_step(unet, unet, inputs, "sft", 5000.0, torch.Tensor.backward)
-                else:
-                    T.separate_step(unet, inputs, "sft", 5000.0, torch.Tensor.backward, list(params.values()))
-            optimizer.step()
-
+        step, detach = make_train_step(unet, params, inputs, optimizer, objective="sft", batching=batching)
         try:
             step()
             _sync(ctx)
@@ -589,8 +576,7 @@ def _train_step(ctx):
             _sync(ctx)
             seconds = (time.perf_counter() - start) / rounds
         finally:
-            if handle is not None:
-                handle.detach()
+            detach()
         ctx.record("train-step", objective="sft", batching=batching, seconds=round(seconds, 4))
 
 

@@ -17,7 +17,7 @@ import functools
 import pytest
 import torch
 
-from cgkernels.lora_layers import attach_segmented_lora
+from bench_steps import time_train_step
 from cgkernels.train import trainer as T
 
 CUDA = torch.cuda.is_available()
@@ -66,38 +66,10 @@ def _setup():
     return unet, params, inputs, optimizer
 
 
-def _autocast():
-    return torch.autocast("cuda", dtype=torch.bfloat16) if CUDA else torch.autocast("cpu", enabled=False)
-
-
 @pytest.mark.parametrize("objective", ["sft", "dpo+npo"])
 @pytest.mark.parametrize("batching", ["separate", "joint"])
 def test_train_step(benchmark, objective, batching):
     unet, params, inputs, optimizer = _setup()
-    handle = attach_segmented_lora(unet, {"pos": {"pos": 1.0}, "neg": {"neg": 1.0}}, trainable=True) \
-        if batching == "joint" else None
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with _autocast():
-            if batching == "joint":
-                T.joint_step(unet, unet, inputs, objective, 5000.0, torch.Tensor.backward)
-            else:
-                T.separate_step(unet, inputs, objective, 5000.0, torch.Tensor.backward, list(params.values()))
-        optimizer.step()
-
-    try:
-        step()  # warm-up (and the peak-memory probe)
-        if CUDA:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            torch.cuda.synchronize()
-            benchmark.extra_info["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        benchmark.group = f"train step {objective} ({PAIRS} pairs, rank {RANK}, {'SD1.5 512^2' if CUDA else 'reduced UNet, 16^2 latents'})"
-        benchmark.extra_info["variant"] = batching
-        benchmark.extra_info["baseline"] = batching == "separate"
-        benchmark.pedantic(step, rounds=5, iterations=2 if CUDA else 1, warmup_rounds=1)
-    finally:
-        if handle is not None:
-            handle.detach()
+    size = "SD1.5 512^2" if CUDA else "reduced UNet, 16^2 latents"
+    time_train_step(benchmark, unet, params, inputs, optimizer, objective=objective, batching=batching,
+                    group=f"train step {objective} ({PAIRS} pairs, rank {RANK}, {size})")

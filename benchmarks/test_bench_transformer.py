@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import cgkernels
+from bench_steps import time_denoiser_step
 from cgkernels.testing import (
     FLUX_LORA_TARGETS,
     SD3_LORA_TARGETS,
@@ -192,20 +193,10 @@ VARIANTS = ["naive", "peft-mixed", "cgkernels", "base-only"]
 def test_transformer_step(benchmark, family, variant):
     pipe, inputs = _setup(family)
     run, cleanup = _variant_fn(variant, family, pipe, inputs)
-    benchmark.group = f"transformer-step {family} contrastive ({len(BRANCHES[family])} rows)"
-    benchmark.extra_info["variant"] = variant
-    benchmark.extra_info["baseline"] = variant == "base-only"
     try:
-        with torch.inference_mode():
-            run()  # warm-up (Triton autotune, allocator)
-            if CUDA:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            benchmark(run)
-            if CUDA:
-                benchmark.extra_info["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        time_denoiser_step(benchmark, run, cleanup,
+                           group=f"transformer-step {family} contrastive ({len(BRANCHES[family])} rows)",
+                           variant=variant, baseline=variant == "base-only")
     finally:
-        if cleanup is not None:
-            cleanup()
         pipe.transformer.enable_lora()
         pipe.transformer.set_adapters(["pos", "neg"])

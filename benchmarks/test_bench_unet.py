@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import cgkernels
+from bench_steps import time_denoiser_step
 from cgkernels.testing import add_random_lora, tiny_sd_pipeline
 
 CUDA = torch.cuda.is_available()
@@ -177,21 +178,10 @@ VARIANTS = ["naive", "peft-mixed", "cgkernels", "base-only"]
 def test_unet_step(benchmark, kind, mode, variant):
     pipe, sample, text, added = _setup(kind)
     run, cleanup = _variant_fn(variant, mode, pipe, sample, text, added)
-    benchmark.group = f"unet-step {kind} {mode} ({len(MODES[mode])} rows)"
-    benchmark.extra_info["variant"] = variant
-    benchmark.extra_info["baseline"] = variant == "base-only"
     try:
-        with torch.inference_mode():
-            run()  # warm-up (Triton autotune, allocator)
-            if CUDA:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            benchmark(run)
-            if CUDA:
-                benchmark.extra_info["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        time_denoiser_step(benchmark, run, cleanup, group=f"unet-step {kind} {mode} ({len(MODES[mode])} rows)",
+                           variant=variant, baseline=variant == "base-only")
     finally:
-        if cleanup is not None:
-            cleanup()
         pipe.unet.enable_lora()
         pipe.unet.set_adapters(["pos", "neg"])
 
