@@ -2,6 +2,8 @@
 test_bench_transformer, test_bench_train and test_bench_train_flow; gpu_suite_stages reuses those modules)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from cgkernels.lora_layers import attach_segmented_lora
@@ -70,3 +72,22 @@ def time_train_step(benchmark, model, params: dict, inputs, optimizer, *, object
         benchmark.pedantic(step, rounds=5, iterations=2 if CUDA else 1, warmup_rounds=1)
     finally:
         detach()
+
+
+@contextlib.contextmanager
+def peft_mixed_batch(model, adapter_names):
+    """peft's own mixed-adapter batch (the honest alternative to the segmented layers): every LoRA layer of `model`
+    gets `adapter_names` (one adapter name or "__base__" per row) on each call inside the block."""
+    from peft.tuners.lora import LoraLayer
+
+    def inject(module, args, kwargs):
+        kwargs["adapter_names"] = adapter_names
+        return args, kwargs
+
+    handles = [m.register_forward_pre_hook(inject, with_kwargs=True) for m in model.modules()
+               if isinstance(m, LoraLayer)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -16,7 +16,6 @@ reduced transformers in fp32 on CPU.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ import pytest
 import torch
 
 import cgkernels
-from bench_steps import time_denoiser_step
+from bench_steps import peft_mixed_batch, time_denoiser_step
 from cgkernels.testing import (
     FLUX_LORA_TARGETS,
     SD3_LORA_TARGETS,
@@ -118,23 +117,6 @@ def _rows(inputs: dict, halves: list[int]) -> dict:
     return {k: torch.cat([v[h:h + 1] for h in halves]) if k in BATCH_INPUTS else v for k, v in inputs.items()}
 
 
-@contextlib.contextmanager
-def _peft_mixed_batch(model, adapter_names):
-    from peft.tuners.lora import LoraLayer
-
-    def inject(module, args, kwargs):
-        kwargs["adapter_names"] = adapter_names
-        return args, kwargs
-
-    handles = [m.register_forward_pre_hook(inject, with_kwargs=True) for m in model.modules()
-               if isinstance(m, LoraLayer)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _merge_eager(preds, family):
     s = STRENGTH
     if family == "flux":
@@ -169,7 +151,7 @@ def _variant_fn(variant, family, pipe, inputs):
         model.enable_lora()
 
         def run():
-            with _peft_mixed_batch(model, names):
+            with peft_mixed_batch(model, names):
                 out = model(**stacked, return_dict=False)[0]
             return _merge_eager(out.chunk(len(branches)), family)
         return run, None

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import cgkernels
-from bench_steps import time_denoiser_step
+from bench_steps import peft_mixed_batch, time_denoiser_step
 from cgkernels.testing import add_random_lora, tiny_sd_pipeline
 
 CUDA = torch.cuda.is_available()
@@ -95,23 +95,6 @@ def _added_rows(added, halves):
     return None if added is None else {k: _rows(v, halves) for k, v in added.items()}
 
 
-@contextlib.contextmanager
-def _peft_mixed_batch(unet, adapter_names):
-    from peft.tuners.lora import LoraLayer
-
-    def inject(module, args, kwargs):
-        kwargs["adapter_names"] = adapter_names
-        return args, kwargs
-
-    handles = [m.register_forward_pre_hook(inject, with_kwargs=True) for m in unet.modules()
-               if isinstance(m, LoraLayer)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _merge_eager(preds, mode):
     """The mode's arithmetic in eager torch (for the variants without the fused merge)."""
     g, s = GUIDANCE_SCALE, STRENGTH
@@ -152,7 +135,7 @@ def _variant_fn(variant, mode, pipe, sample, text, added):
         unet.enable_lora()
 
         def run():
-            with _peft_mixed_batch(unet, names):
+            with peft_mixed_batch(unet, names):
                 out = unet(x, t, e, added_cond_kwargs=a, return_dict=False)[0]
             return _merge_eager(out.chunk(len(branches)), mode)
         return run, None

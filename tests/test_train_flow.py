@@ -2,7 +2,6 @@
 SD3/Flux LoRA training scripts, every objective learns, the segmented (joint) pass has the gradients of separate
 peft passes through every targeted transformer layer, train() resumes exactly, bad options are refused, and the
 written adapters load with pipe.load_lora_weights."""
-import copy
 import dataclasses
 import math
 import shutil
@@ -23,7 +22,7 @@ from cgkernels.testing import (
 from cgkernels.train import TrainConfig, train
 from cgkernels.train import trainer as T
 from cgkernels.train.data import PairTransform, PreferenceBatches, open_pair_source
-from train_testdata import assert_joint_equals_separate, make_pickapic
+from train_testdata import assert_joint_equals_separate, make_pickapic, with_trainable_adapters
 
 FAMILIES = ("sd3", "flux")
 TARGETS = {"sd3": SD3_LORA_TARGETS, "flux": FLUX_LORA_TARGETS, "schnell": FLUX_LORA_TARGETS}
@@ -63,16 +62,7 @@ def _fixed_inputs(root: Path, components, seed: int = 0, dropout: float = 0.3) -
 
 
 def _with_adapters(components, family, adapters=("pos", "neg"), randomize_b=False):
-    components = dataclasses.replace(components, denoiser=copy.deepcopy(components.denoiser))
-    params = T.add_lora_adapters(components.denoiser, adapters, rank=4, alpha=8.0, target_modules=TARGETS[family])
-    if randomize_b:  # peft starts B at zero; make every adapter differ from the base so gradients reach A too
-        g = torch.Generator().manual_seed(3)
-        with torch.no_grad():
-            for name, p in params.items():
-                if ".lora_B." in name:
-                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    components.denoiser.train()
-    return components, params
+    return with_trainable_adapters(components, TARGETS[family], adapters, randomize_b)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

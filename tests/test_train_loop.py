@@ -1,6 +1,5 @@
 """The training loop on a tiny SD-shaped model: objectives learn, joint == separate gradients, exact resume, DDP on
 two CPU processes, bad input, and the written adapters round-trip through load_lora_weights and cgkernels.patch."""
-import copy
 import dataclasses
 import json
 import os
@@ -21,7 +20,7 @@ from cgkernels.testing import tiny_sd_pipeline
 from cgkernels.train import TrainConfig, train
 from cgkernels.train import trainer as T
 from cgkernels.train.data import PairTransform, PreferenceBatches, open_pair_source
-from train_testdata import assert_joint_equals_separate, make_pickapic
+from train_testdata import assert_joint_equals_separate, make_pickapic, with_trainable_adapters
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,16 +53,7 @@ def base_components(workspace):
 
 
 def _model_with_adapters(base_components, adapters=("pos", "neg"), randomize_b: bool = False):
-    components = dataclasses.replace(base_components, denoiser=copy.deepcopy(base_components.denoiser))
-    params = T.add_lora_adapters(components.denoiser, adapters, rank=4, alpha=8.0, target_modules=("to_q", "to_k", "to_v", "to_out.0"))
-    if randomize_b:  # peft starts B at zero; make every adapter differ from the base so gradients reach A too
-        g = torch.Generator().manual_seed(3)
-        with torch.no_grad():
-            for name, p in params.items():
-                if ".lora_B." in name:
-                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    components.denoiser.train()
-    return components, params
+    return with_trainable_adapters(base_components, ("to_q", "to_k", "to_v", "to_out.0"), adapters, randomize_b)
 
 
 @pytest.mark.parametrize("objective", ["sft", "dpo", "npo", "dpo+npo"])

@@ -105,3 +105,25 @@ def assert_joint_equals_separate(model, params: dict, inputs, objective: str, *,
         alone = torch.cat([params[n].grad.flatten() for n in names])
         assert alone.abs().max() > 0
         torch.testing.assert_close(joint, alone, rtol=0, atol=rel * alone.abs().max().item())
+
+
+def with_trainable_adapters(components, target_modules, adapters=("pos", "neg"), randomize_b: bool = False):
+    """(a copy of the trainer's components with fresh LoRA adapters on a copy of the denoiser, their parameters).
+    randomize_b: peft starts B at zero; make every adapter differ from the base so gradients reach A too."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    from cgkernels.train import trainer as T
+
+    components = dataclasses.replace(components, denoiser=copy.deepcopy(components.denoiser))
+    params = T.add_lora_adapters(components.denoiser, adapters, rank=4, alpha=8.0, target_modules=target_modules)
+    if randomize_b:
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for name, p in params.items():
+                if ".lora_B." in name:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    components.denoiser.train()
+    return components, params
