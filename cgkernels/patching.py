@@ -242,7 +242,6 @@ class _PatchState:
     patched_forward: object = None
     step: int = 0
     timesteps_ref: object = None
-    plans: dict = field(default_factory=dict)
     step_plans: dict = field(default_factory=dict)
 
 
@@ -494,7 +493,7 @@ def _check_direct_call(pipe, state: _PatchState) -> None:
 
 
 def _guided_step_plan(state: _PatchState, call: _CallLayout, batch: int, lora_scale: float) -> _StepPlan:
-    plan = _plan(state, call.kind, call.guidance_scale)
+    plan = _row_plan(state, call.kind, call.guidance_scale)
     return _StepPlan(
         routing=state.router.plan(plan.routing(batch), lora_scale),
         batch=batch,
@@ -545,18 +544,13 @@ def _pop_lora_scale(inputs: dict, arg: str) -> float:
     return float(scale)
 
 
-def _plan(state: _PatchState, kind: str, guidance_scale: float) -> RowPlan:
-    key = (kind, guidance_scale)
-    plan = state.plans.get(key)
-    if plan is None:
-        if kind in ("cfg", "cond"):
-            plan = row_plan(state.config, cfg=kind == "cfg", guidance_scale=guidance_scale, user_mix=state.user_mix)
-        else:
-            prompt = COND if kind == "two_call_cond" else UNCOND
-            plan = two_call_cfg_plan(state.config, prompt=prompt, guidance_scale=guidance_scale,
-                                     user_mix=state.user_mix)
-        state.plans[key] = plan
-    return plan
+def _row_plan(state: _PatchState, kind: str, guidance_scale: float) -> RowPlan:
+    """The mode's branches and merge coefficients for one kind of call (built once per step plan: _prepare_call
+    caches the step plans)."""
+    if kind in ("cfg", "cond"):
+        return row_plan(state.config, cfg=kind == "cfg", guidance_scale=guidance_scale, user_mix=state.user_mix)
+    prompt = COND if kind == "two_call_cond" else UNCOND
+    return two_call_cfg_plan(state.config, prompt=prompt, guidance_scale=guidance_scale, user_mix=state.user_mix)
 
 
 def _expand(value, rows: int, batch: int, blocks: tuple[int, ...]):
