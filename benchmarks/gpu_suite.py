@@ -314,8 +314,14 @@ def suite_started_at() -> float:
         return time.time()
 
 
+def _raise_on_sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_suite(out: Path, rehearsal: bool, budget_s: float, only: set | None) -> int:
     out.mkdir(parents=True, exist_ok=True)
+    # A SIGTERM to the driver unwinds through the stage and build cleanups (their process groups are killed).
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
     deadline = suite_started_at() + budget_s
     started = time.monotonic()
     stage_log = open(out / STAGE_LOG, "a", encoding="utf-8")
@@ -375,6 +381,9 @@ def _run_stage(name: str, out: Path, rehearsal: bool, timeout: float, log,
         status = "ok" if rc == 0 else "failed"
     except subprocess.TimeoutExpired:
         rc, status = stop_session(process), "timeout"
+    except BaseException:  # the driver itself is stopped (SIGTERM, Ctrl-C): the stage goes with it
+        stop_session(process)
+        raise
     log.flush()
     return status, round(time.monotonic() - start, 1), rc
 

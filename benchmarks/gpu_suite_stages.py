@@ -15,6 +15,7 @@ import gc
 import importlib
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -167,15 +168,23 @@ def _graph_windows(fn, num_inputs: int, calls: int) -> list:
     return _event_windows(graph.replay, calls)
 
 
+MAX_INPUT_SETS = 32
+
+
 def input_sets_for(ctx, set_bytes: int) -> int:
     """How many input sets to rotate: 1 where one set overflows L2, else enough sets to overflow it twice (at least
-    3, at most 64). The rehearsal rotates 3 (the code path, not the cache)."""
+    3, at most MAX_INPUT_SETS: the smallest text-row layers stay partly L2-resident, which their records show as
+    rotated_bytes < 2 x l2_bytes). The rehearsal rotates 3 (the code path, not the cache)."""
     if ctx.device.type != "cuda":
         return 3
-    l2_bytes = torch.cuda.get_device_properties(ctx.device).L2_cache_size
+    l2_bytes = l2_cache_bytes(ctx)
     if set_bytes > l2_bytes:
         return 1
-    return min(64, max(3, -(-2 * l2_bytes // max(set_bytes, 1))))
+    return min(MAX_INPUT_SETS, max(3, -(-2 * l2_bytes // max(set_bytes, 1))))
+
+
+def l2_cache_bytes(ctx):
+    return torch.cuda.get_device_properties(ctx.device).L2_cache_size if ctx.device.type == "cuda" else None
 
 
 def timer_ratios(times: dict, pairs: dict) -> list:
@@ -437,7 +446,8 @@ def _bench_layer(ctx, shape, rank, layout):
                                  **common)
             if timing is not None:
                 times[variant] = timing
-                ctx.record("bench", variant=variant, input_set_bytes=set_bytes, **common, **timing)
+                ctx.record("bench", variant=variant, input_set_bytes=set_bytes, rotated_bytes=num_sets * set_bytes,
+                           l2_bytes=l2_cache_bytes(ctx), **common, **timing)
     tuned = [repr(mll._best_config_cache[key]) for key in set(mll._best_config_cache) - before]
     for summary in timer_ratios(times, BENCH_RATIOS):
         ctx.record("bench-summary", **common, autotuned=tuned, **summary)
@@ -784,6 +794,8 @@ def stage_cuda_tests(ctx):
     with open(log_path, "w", encoding="utf-8") as log:
         process = start_session([sys.executable, "-m", "pytest", *files, *selection, "-q", "-p", "no:cacheprovider",
                                  "-rfE"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        # pytest has a session of its own: if the driver stops this stage, take pytest down too.
+        signal.signal(signal.SIGTERM, lambda signum, frame: (os.killpg(process.pid, signal.SIGKILL), sys.exit(143)))
         try:
             returncode, timed_out = process.wait(timeout=timeout), False
         except subprocess.TimeoutExpired:

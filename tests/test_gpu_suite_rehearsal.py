@@ -236,3 +236,35 @@ def test_time_call_rotates_inputs_and_warms_every_set_outside_the_windows():
     assert len(windows) == stages.WINDOWS * 6 and windows[:6] == [0, 1, 2, 0, 1, 2]  # whole rotations
     assert result["wall"]["windows"] == stages.WINDOWS and result["wall"]["calls_per_window"] == 6
     assert result["input_sets"] == 3 and "graph" not in result and "events" not in result
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return children
+
+
+def test_a_stopped_driver_takes_its_running_stage_down(tmp_path):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    driver = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--out", str(tmp_path),
+                               "--rehearsal", "--only", "kernel-bench"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        stage = None
+        for _ in range(200):
+            children = _children(driver.pid)
+            if children:
+                stage = children[0]
+                break
+            time.sleep(0.05)
+        assert stage is not None, "the stage process did not start"
+        driver.terminate()
+        driver.wait(timeout=30)
+        time.sleep(0.2)
+        with pytest.raises(ProcessLookupError):
+            os.kill(stage, 0)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
