@@ -46,10 +46,10 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import subprocess
@@ -155,27 +155,15 @@ def stop_session(process: subprocess.Popen) -> int:
     return process.wait()
 
 
-def find_cuda_home(env: dict) -> str | None:
-    """CUDA_HOME (or CUDA_PATH) if set, else the toolkit of the nvcc on PATH (asked for its own location: nvcc may
-    be a wrapper script elsewhere), else the newest /usr/local/cuda*."""
-    for name in ("CUDA_HOME", "CUDA_PATH"):
-        if env.get(name):
-            return env[name]
-    nvcc = shutil.which("nvcc", path=env.get("PATH"))
-    if nvcc is not None:
-        try:
-            dryrun = subprocess.run([nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
-                                    capture_output=True, text=True, timeout=30)
-            here = re.search(r"^#\$ _HERE_=(.+)$", dryrun.stdout + dryrun.stderr, re.MULTILINE)
-            if here:
-                return str(Path(here.group(1).strip()).resolve().parent)
-        except (OSError, subprocess.SubprocessError):
-            pass
-        home = Path(nvcc).resolve().parent.parent
-        if (home / "include" / "cuda_runtime.h").exists():
-            return str(home)
-    candidates = sorted(glob.glob("/usr/local/cuda*/bin/nvcc"))
-    return str(Path(candidates[-1]).parent.parent) if candidates else None
+def _load_toolkit_module():
+    """cgkernels/_cuda_toolkit.py by path: the driver runs before (and without) the package's heavy imports."""
+    spec = importlib.util.spec_from_file_location("cgkernels_cuda_toolkit", REPO / "cgkernels" / "_cuda_toolkit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+find_cuda_home = _load_toolkit_module().find_cuda_home
 
 
 class BackgroundBuild:
@@ -247,16 +235,16 @@ class BackgroundBuild:
         self.scratch.cleanup()
         return self.result
 
-    def _install_built_library(self):
+    def _install_built_library(self, package_dir: Path = REPO / "cgkernels"):
         """Moves the built cgkernels/_C*.so into the checkout (atomically: copy beside it, then rename)."""
         built = glob.glob(os.path.join(self.scratch.name, "lib", "cgkernels", "_C*.so"))
         if not built:
             return None
-        target = REPO / "cgkernels" / os.path.basename(built[0])
+        target = package_dir / os.path.basename(built[0])
         staging = target.with_name(target.name + ".partial")
         shutil.copy2(built[0], staging)
         os.replace(staging, target)
-        return str(target.relative_to(REPO))
+        return str(target)
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -12,16 +12,16 @@ CUDA error fails CI without a GPU:
   CUDA header skips the test and names the header.
 No .cu includes torch (the CPU torch wheel lacks parts of torch's CUDA headers): kernels take raw pointers and a
 cudaStream_t, and the torch binding lives in a *_cuda.cpp."""
-import importlib.util
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
+
+from cgkernels._cuda_toolkit import find_cuda_home
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
@@ -42,12 +42,8 @@ def source_id(path: Path) -> str:
 
 
 def _cuda_home():
-    """The toolkit of the nvcc on PATH, found as the GPU suite's build finds it (nvcc may be a wrapper script)."""
-    name = "cgkernels_gpu_suite_driver"
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "gpu_suite.py")
-    driver = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
-    spec.loader.exec_module(driver)
-    return driver.find_cuda_home({"PATH": str(Path(NVCC).parent)})
+    """The toolkit of the nvcc on PATH, found as setup.py finds it (nvcc may be a wrapper script)."""
+    return find_cuda_home({"PATH": str(Path(NVCC).parent)})
 
 
 def test_there_are_cuda_sources():

@@ -268,3 +268,16 @@ def test_a_stopped_driver_takes_its_running_stage_down(tmp_path):
     finally:
         if driver.poll() is None:
             driver.kill()
+
+
+def test_a_finished_build_is_moved_into_the_package_whole(tmp_path):
+    scratch = tmp_path / "scratch"
+    (scratch / "lib" / "cgkernels").mkdir(parents=True)
+    (scratch / "lib" / "cgkernels" / "_C.cpython-3xx.so").write_bytes(b"\x7fELF built")
+    package = tmp_path / "cgkernels"
+    package.mkdir()
+    build = SimpleNamespace(scratch=SimpleNamespace(name=str(scratch)))
+    installed = gpu_suite.BackgroundBuild._install_built_library(build, package)
+    assert installed == str(package / "_C.cpython-3xx.so")
+    assert sorted(p.name for p in package.iterdir()) == ["_C.cpython-3xx.so"]  # no partial file left behind
+    assert (package / "_C.cpython-3xx.so").read_bytes() == b"\x7fELF built"
