@@ -5,13 +5,32 @@ CGKERNELS_CUDA_ARCH=90 (or 80,90, ...): only these SM binaries (default: sm_80, 
 Install with `pip install --no-build-isolation .` so the extension builds against the torch already installed.
 """
 import glob
+import importlib.util
 import os
 
 from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _find_cuda_home():
+    # cgkernels/_cuda_toolkit.py by path: importing the package would import torch and all of cgkernels.
+    spec = importlib.util.spec_from_file_location("cgkernels_cuda_toolkit",
+                                                  os.path.join(ROOT, "cgkernels", "_cuda_toolkit.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.find_cuda_home(os.environ)
+
+
+# Before torch.utils.cpp_extension reads it: the toolkit of the nvcc on PATH where CUDA_HOME is unset (torch's own
+# guess is wrong when nvcc is a wrapper script outside the toolkit).
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+    _cuda_home = _find_cuda_home()
+    if _cuda_home is not None:
+        os.environ["CUDA_HOME"] = _cuda_home
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+import torch  # noqa: E402
 
 
 def cuda_build_wanted() -> bool:

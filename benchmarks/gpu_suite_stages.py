@@ -3,12 +3,20 @@
 Each stage takes a gpu_suite.Context: ctx.rehearsal selects tiny CPU sizes (Triton through the interpreter),
 ctx.record appends a result line at once, ctx.check records a pass/fail line, ctx.guarded records an exception and
 lets the stage go on with its next item.
+
+Records of timed calls carry time_call's result (one stats dict per timer: "events", "graph", or "wall" on the CPU)
+and every ratio summary names its `timer`; multi-LoRA records name their row `layout` ("grouped": what the patch
+emits; "interleaved": a stress case); records of a merge name the `merge` that ran ("extension" or "reference").
 """
 from __future__ import annotations
 
 import contextlib
 import gc
 import importlib
+import os
+import re
+import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -19,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
-BRANCH_ADAPTERS = [-1, 0, 1, -1, 0, 1]  # cPGD rows: [uncond base, +pos, +neg, cond base, +pos, +neg]
 GRADIENT_TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 4e-2, torch.float32: 1e-5}
 TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 2e-2, torch.float32: 1e-5}
 
@@ -78,60 +85,120 @@ def _free(ctx):
 # ----------------------------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------------------------
-def time_call(ctx, fn, *, graphable: bool, iters: int | None = None) -> dict:
-    """GPU time per call (CUDA graph replay where the call can be captured, else CUDA events around a stream of
-    calls) and host time per call (launch cost: the loop's wall time before the device is waited for).
+WINDOWS = 5  # timed windows per timer: the median is reported, with min and max
+TIMERS = ("graph", "events", "wall")  # "wall": CPU only (the rehearsal)
 
-    CPU (rehearsal): wall time per call only.
+
+def _stats(per_call_us: list, calls_per_window: int) -> dict:
+    ordered = sorted(per_call_us)
+    return dict(median_us=round(statistics.median(ordered), 3), min_us=round(ordered[0], 3),
+                max_us=round(ordered[-1], 3), windows=len(ordered), calls_per_window=calls_per_window)
+
+
+def time_call(ctx, fn, num_inputs: int = 1, *, graphable: bool, calls: int | None = None) -> dict:
+    """Time per call of fn(i) (i: the input set, rotated 0..num_inputs-1 so that sets which fit in L2 are not
+    timed from a warm cache), as {timer: stats} for every timer that applies, plus the host time.
+
+    - The first call of every input set runs before anything is timed: Triton compiles and autotunes there.
+    - "events": CUDA events around each of WINDOWS windows of `calls` eager calls (GPU time incl. launch gaps).
+    - "graph": the same `calls` calls captured in one CUDA graph, one replay per window (GPU time without host
+      launch cost); only where the call can be captured (graphable), else "graph_error" says why not.
+    - "wall" (CPU, no CUDA): perf_counter around each window.
+    - host_us_one_call_after_sync: wall time of one call issued right after a device sync (what the host spends
+      launching it; the median of WINDOWS such calls, min and max kept).
+    stats: median_us, min_us, max_us (per call, over the windows), windows, calls_per_window.
     """
-    iters = iters or (1 if ctx.rehearsal else 20)
-    fn()
+    calls = calls or max(num_inputs, 1 if ctx.rehearsal else 10)
+    calls = -(-calls // num_inputs) * num_inputs  # whole rotations
+    for i in range(num_inputs):
+        fn(i)
     _sync(ctx)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    host_us = (time.perf_counter() - start) / iters * 1e6
+    host = []
+    for window in range(WINDOWS):
+        _sync(ctx)
+        start = time.perf_counter()
+        fn(window % num_inputs)
+        host.append((time.perf_counter() - start) * 1e6)
+    _sync(ctx)
+    result = dict(host_us_one_call_after_sync=_stats(host, 1), input_sets=num_inputs)
     if ctx.device.type != "cuda":
-        return dict(gpu_us=None, host_us=round(host_us, 2), timer="cpu-wall")
-    torch.cuda.synchronize()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    events_us = begin.elapsed_time(end) * 1e3 / iters
-    result = dict(gpu_us=round(events_us, 2), events_us=round(events_us, 2), host_us=round(host_us, 2),
-                  timer="cuda-events")
+        walls = []
+        for _ in range(WINDOWS):
+            start = time.perf_counter()
+            for c in range(calls):
+                fn(c % num_inputs)
+            walls.append((time.perf_counter() - start) * 1e6 / calls)
+        result["wall"] = _stats(walls, calls)
+        return result
+    result["events"] = _stats(_event_windows(lambda: [fn(c % num_inputs) for c in range(calls)], calls), calls)
     if graphable:
         try:
-            graph_us = _graph_time_us(fn, calls_per_graph=10, replays=max(3, iters // 4))
-            result.update(gpu_us=round(graph_us, 2), graph_us=round(graph_us, 2), timer="cuda-graph")
+            result["graph"] = _stats(_graph_windows(fn, num_inputs, calls), calls)
         except Exception as error:  # noqa: BLE001 (recorded; the events timing stands)
             torch.cuda.synchronize()
             result["graph_error"] = f"{type(error).__name__}: {error}"[:300]
     return result
 
 
-def _graph_time_us(fn, calls_per_graph: int, replays: int) -> float:
+def _event_windows(run_window, calls: int) -> list:
+    per_call = []
+    for _ in range(WINDOWS):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        begin.record()
+        run_window()
+        end.record()
+        end.synchronize()
+        per_call.append(begin.elapsed_time(end) * 1e3 / calls)
+    return per_call
+
+
+def _graph_windows(fn, num_inputs: int, calls: int) -> list:
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        fn()
+        for i in range(num_inputs):
+            fn(i)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(calls_per_graph):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return begin.elapsed_time(end) * 1e3 / (replays * calls_per_graph)
+        for c in range(calls):
+            fn(c % num_inputs)
+    graph.replay()  # the first replay uploads the graph
+    return _event_windows(graph.replay, calls)
+
+
+MAX_INPUT_SETS = 32
+
+
+def input_sets_for(ctx, set_bytes: int) -> int:
+    """How many input sets to rotate: 1 where one set overflows L2, else enough sets to overflow it twice (at least
+    3, at most MAX_INPUT_SETS: the smallest text-row layers stay partly L2-resident, which their records show as
+    rotated_bytes < 2 x l2_bytes). The rehearsal rotates 3 (the code path, not the cache)."""
+    if ctx.device.type != "cuda":
+        return 3
+    l2_bytes = l2_cache_bytes(ctx)
+    if set_bytes > l2_bytes:
+        return 1
+    return min(MAX_INPUT_SETS, max(3, -(-2 * l2_bytes // max(set_bytes, 1))))
+
+
+def l2_cache_bytes(ctx):
+    return torch.cuda.get_device_properties(ctx.device).L2_cache_size if ctx.device.type == "cuda" else None
+
+
+def timer_ratios(times: dict, pairs: dict) -> list:
+    """One summary per timer: {name: times[a][timer] / times[b][timer]} (medians) for the pairs (name: (a, b)) whose
+    two sides both have that timer. times: variant -> time_call result. Never mixes timers in one ratio."""
+    summaries = []
+    for timer in TIMERS:
+        ratios = {}
+        for name, (a, b) in pairs.items():
+            if timer in times.get(a, {}) and timer in times.get(b, {}):
+                ratios[name] = round(times[a][timer]["median_us"] / times[b][timer]["median_us"], 4)
+        if ratios:
+            summaries.append(dict(timer=timer, **ratios))
+    return summaries
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,7 +209,7 @@ def stage_env(ctx):
     if ctx.device.type == "cuda":
         props = torch.cuda.get_device_properties(0)
         info.update(capability=f"{props.major}.{props.minor}", sm_count=props.multi_processor_count,
-                    memory_gb=round(props.total_memory / 2**30, 1))
+                    memory_gb=round(props.total_memory / 2**30, 1), l2_bytes=props.L2_cache_size)
         try:
             smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem",
                                   "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
@@ -154,14 +221,44 @@ def stage_env(ctx):
                                       timeout=20).stdout.strip().splitlines()[-1:]
     except (OSError, subprocess.SubprocessError):
         info["nvcc"] = None
+    from gpu_suite import find_cuda_home
+
+    info["cuda_home"] = find_cuda_home(dict(os.environ))  # what the build uses where CUDA_HOME is unset
+    info.update(_package_versions())
+    ctx.record("env", **info)
+
+
+# torch is pinned in the Makefile (installed only where none is), the rest in requirements.txt.
+TORCH_PIN = "2.13.0"
+CHECKED_PACKAGES = ("torch", "triton", "diffusers", "peft", "transformers", "accelerate", "safetensors",
+                    "huggingface-hub", "tokenizers")
+
+
+def _pins() -> dict:
+    pins = {"torch": TORCH_PIN}
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        match = re.match(r"^\s*([A-Za-z0-9_.-]+)\s*==\s*([^\s#;]+)", line)
+        if match:
+            pins[match.group(1).lower()] = match.group(2)
+    return pins
+
+
+def _package_versions() -> dict:
+    """Installed versions of the packages we pin, and where they differ from the pins (version_skew: the device
+    image's torch/Triton/transformers are its own; the carried wheels bring diffusers and peft)."""
     from importlib import metadata
 
-    for package in ("diffusers", "peft", "transformers", "accelerate", "ninja", "pytest", "hypothesis"):
+    pins, versions, skew = _pins(), {}, {}
+    for package in CHECKED_PACKAGES + ("ninja", "pytest", "hypothesis"):
         try:
-            info[package] = metadata.version(package)
+            versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
-            info[package] = None
-    ctx.record("env", **info)
+            versions[package] = None
+        pinned = pins.get(package)
+        installed = versions[package]
+        if pinned is not None and (installed is None or installed.split("+")[0] != pinned):
+            skew[package] = dict(pinned=pinned, installed=installed)
+    return dict(versions=versions, version_skew=skew)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,8 +269,14 @@ def _triton_backend(ctx) -> str:
     return "triton" if ctx.rehearsal else "auto"
 
 
-def _layout(tokens: int) -> dict:
-    """Six branches whose boundaries do not all align with tiles: an empty segment, a segment straddling two
+def _grouped_layout(tokens: int) -> dict:
+    """What the patch emits for contrastive guidance: [b(u), b(c) | p(u), p(c) | n(u), n(c)], one segment per mix."""
+    return dict(seg_indptr=[0, 2 * tokens, 4 * tokens, 6 * tokens], seg_adapter=[-1, 0, 1],
+                seg_scale=[1.0, 1.0, 1.0])
+
+
+def _stress_layout(tokens: int) -> dict:
+    """Seven segments whose boundaries do not all align with tiles: an empty segment, a segment straddling two
     branches' rows, an adapter used with different scales, a negative scale."""
     t = tokens
     return dict(
@@ -181,6 +284,9 @@ def _layout(tokens: int) -> dict:
         seg_adapter=[-1, 0, 1, 1, -1, 0, 1],
         seg_scale=[1.0, 0.8, -1.25, 0.5, 1.0, 1.5, 0.75],
     )
+
+
+LAYOUT_FUNCTIONS = {"grouped": _grouped_layout, "stress": _stress_layout}
 
 
 def _operands(shape: LayerShape, rank: int, dtype, device, *, seed=0, num_adapters=2):
@@ -203,40 +309,42 @@ def _relative_error(actual, expected) -> float:
     return (actual.double() - expected).abs().max().item() / scale if scale > 0 else float("inf")
 
 
-def _check_forward(ctx, shape, rank, dtype, *, config=None):
-    from cgkernels.ops import multi_lora_linear, multi_lora_linear_reference
+def _forced(config):
     mll = importlib.import_module("cgkernels.ops.multi_lora_linear")
+    return mll.force_kernel_config(config) if config is not None else contextlib.nullcontext()
+
+
+def _check_forward(ctx, shape, rank, dtype, *, config, layout="grouped"):
+    from cgkernels.ops import multi_lora_linear, multi_lora_linear_reference
 
     tensors = _operands(shape, rank, dtype, ctx.device, seed=rank)
-    layout = _layout(shape.tokens)
-    before = set(mll._best_config_cache)
-    forced = mll.force_kernel_config(config) if config is not None else contextlib.nullcontext()
-    with forced:
-        y = multi_lora_linear(*tensors, **layout, backend=_triton_backend(ctx))
-    expected = multi_lora_linear_reference(*[t.double() for t in tensors], **layout)
+    segments = LAYOUT_FUNCTIONS[layout](shape.tokens)
+    with _forced(config):
+        y = multi_lora_linear(*tensors, **segments, backend=_triton_backend(ctx))
+    expected = multi_lora_linear_reference(*[t.double() for t in tensors], **segments)
     error = _relative_error(y, expected)
-    tuned = [repr(mll._best_config_cache[key]) for key in set(mll._best_config_cache) - before]
     ctx.check(error <= TOLERANCE[dtype], "forward", shape=shape.name, rows=6 * shape.tokens, rank=rank,
-              dtype=str(dtype), rel_error=error, tolerance=TOLERANCE[dtype],
-              config=repr(config) if config is not None else None, autotuned=tuned)
+              dtype=str(dtype), layout=layout, rel_error=error, tolerance=TOLERANCE[dtype], config=repr(config))
 
 
-def _check_gradients(ctx, shape, rank, dtype):
+def _check_gradients(ctx, shape, rank, dtype, *, config, layout):
     from cgkernels.ops import multi_lora_linear, multi_lora_linear_reference
 
     tensors = _operands(shape, rank, dtype, ctx.device, seed=11)
-    layout = _layout(shape.tokens)
+    segments = LAYOUT_FUNCTIONS[layout](shape.tokens)
     trainable = [True, False, False, True, True]  # x, lora_a, lora_b; the base layer is frozen
     leaves = [t.clone().requires_grad_(flag) for t, flag in zip(tensors, trainable)]
     grad_y = torch.randn(6 * shape.tokens, shape.out_features, generator=torch.Generator().manual_seed(3))
-    multi_lora_linear(*leaves, **layout, backend=_triton_backend(ctx)).backward(grad_y.to(ctx.device, dtype))
+    with _forced(config):
+        multi_lora_linear(*leaves, **segments, backend=_triton_backend(ctx)).backward(grad_y.to(ctx.device, dtype))
     reference = [t.detach().double().requires_grad_(flag) for t, flag in zip(tensors, trainable)]
-    multi_lora_linear_reference(*reference, **layout).backward(grad_y.to(ctx.device, torch.float64))
+    multi_lora_linear_reference(*reference, **segments).backward(grad_y.to(ctx.device, torch.float64))
     for name, leaf, ref in zip(["x", "weight", "bias", "lora_a", "lora_b"], leaves, reference):
         if ref.requires_grad:
             error = _relative_error(leaf.grad, ref.grad)
             ctx.check(error <= GRADIENT_TOLERANCE[dtype], "gradient", shape=shape.name, rank=rank, dtype=str(dtype),
-                      tensor=name, rel_error=error, tolerance=GRADIENT_TOLERANCE[dtype])
+                      layout=layout, tensor=name, rel_error=error, tolerance=GRADIENT_TOLERANCE[dtype],
+                      config=repr(config))
 
 
 def _check_fp32_routing(ctx, shape):
@@ -245,97 +353,118 @@ def _check_fp32_routing(ctx, shape):
     mll = importlib.import_module("cgkernels.ops.multi_lora_linear")
 
     tensors = _operands(shape, 8, torch.float32, ctx.device, seed=2)
-    layout = _layout(shape.tokens)
+    segments = _grouped_layout(shape.tokens)
     backend = mll._resolve_backend("auto", tensors[0])
-    error = _relative_error(multi_lora_linear(*tensors, **layout), multi_lora_linear_reference(
-        *[t.double() for t in tensors], **layout))
+    error = _relative_error(multi_lora_linear(*tensors, **segments), multi_lora_linear_reference(
+        *[t.double() for t in tensors], **segments))
     ctx.check(backend == "torch" and error <= TOLERANCE[torch.float32], "fp32-routing", shape=shape.name,
               backend=backend, rel_error=error)
 
 
 def stage_kernel_correctness(ctx):
+    """Every launch runs a forced config (force_kernel_config), never the autotuner: each distinct config x dtype x
+    rank class compiles once, so the compile count is bounded by the table, not by the number of layer keys."""
     shapes = REHEARSAL_SHAPES if ctx.rehearsal else CORRECTNESS_SHAPES
     mll = importlib.import_module("cgkernels.ops.multi_lora_linear")
-    # Every config of the table once (the autotuner may pick any of them on some shape), largest rank first.
-    for rank in (128,) if ctx.rehearsal else (128, 8):
-        for config in mll.KERNEL_CONFIGS["half"]:
-            ctx.guarded("forward", lambda: _check_forward(ctx, shapes[0], rank, torch.float16, config=config),
-                        shape=shapes[0].name, rank=rank, config=repr(config))
-    for shape in shapes:
-        for dtype in (torch.float16, torch.bfloat16):
-            for rank in (8, 64, 128):
-                ctx.guarded("forward", lambda: _check_forward(ctx, shape, rank, dtype), shape=shape.name, rank=rank,
-                            dtype=str(dtype))
+    configs = mll.KERNEL_CONFIGS["half"]
+    # 1. Gradients (training uses them) and the fp32 route first: the checks most likely to find a device-only bug.
     gradient_shape = shapes[0] if ctx.rehearsal else LayerShape("sd15 attn 32^2 320->320", 1024, 320, 320)
-    for rank in (8,) if ctx.rehearsal else (8, 64):
-        ctx.guarded("gradient", lambda: _check_gradients(ctx, gradient_shape, rank, torch.float16), rank=rank)
+    for layout in ("grouped", "stress"):
+        for rank in (8,) if ctx.rehearsal else (8, 64):
+            ctx.guarded("gradient", lambda: _check_gradients(ctx, gradient_shape, rank, torch.float16,
+                                                             config=configs[0], layout=layout),
+                        rank=rank, layout=layout)
     if ctx.device.type == "cuda":
         ctx.guarded("fp32-routing", lambda: _check_fp32_routing(ctx, shapes[0]))
+    # 2. Every config of the table once (the autotuner may pick any of them on some shape), on the stress layout.
+    for rank in (128,) if ctx.rehearsal else (128, 8):
+        for config in configs:
+            ctx.guarded("forward", lambda: _check_forward(ctx, shapes[0], rank, torch.float16, config=config,
+                                                          layout="stress"),
+                        shape=shapes[0].name, rank=rank, config=repr(config))
+    # 3. The model shapes in the grouped layout, configs in rotation (shape i, rank j: config i + j).
+    for i, shape in enumerate(shapes):
+        for dtype in (torch.float16, torch.bfloat16):
+            for j, rank in enumerate((8, 64, 128)):
+                config = configs[(i + j) % len(configs)]
+                ctx.guarded("forward", lambda: _check_forward(ctx, shape, rank, dtype, config=config),
+                            shape=shape.name, rank=rank, dtype=str(dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Stage: kernel microbenchmark
 # ----------------------------------------------------------------------------------------------------------------
 BENCH_VARIANTS = ("cublas base-only", "cgkernels", "torch lora path", "peft mixed batch")
+STRESS_BENCH_VARIANTS = ("cublas base-only", "cgkernels", "peft mixed batch")  # the interleaved layout
+BENCH_RATIOS = {
+    "cgkernels_vs_cublas": ("cgkernels", "cublas base-only"),
+    "cgkernels_vs_peft": ("cgkernels", "peft mixed batch"),
+    "cgkernels_vs_torch_path": ("cgkernels", "torch lora path"),
+    "torch_path_vs_cublas": ("torch lora path", "cublas base-only"),
+}
 
 
-def _bench_layer(ctx, shape, rank):
+def _bench_layer(ctx, shape, rank, layout):
     from test_bench_multi_lora_linear import LoraProblem
 
     from cgkernels.ops import multi_lora_linear
     mll = importlib.import_module("cgkernels.ops.multi_lora_linear")
 
     dtype = torch.float32 if ctx.rehearsal else torch.float16
-    problem = LoraProblem(shape.tokens, shape.in_features, shape.out_features, rank, ctx.device, dtype)
-    x2 = problem.x.reshape(-1, shape.in_features)
-    weight, bias = problem.base.weight, problem.base.bias
-    scales = [1.0] * len(BRANCH_ADAPTERS)
+    element = torch.tensor([], dtype=dtype).element_size()
+    rows = 6 * shape.tokens
+    # One input set: x, y, W, bias, pos/neg A and B.
+    set_bytes = element * (rows * (shape.in_features + shape.out_features) + shape.in_features * shape.out_features
+                           + shape.out_features + 2 * rank * (shape.in_features + shape.out_features))
+    num_sets = input_sets_for(ctx, set_bytes)
+    problems = [LoraProblem(shape.tokens, shape.in_features, shape.out_features, rank, ctx.device, dtype,
+                            layout=layout, seed=seed) for seed in range(num_sets)]
+
+    def fused(backend):
+        def call(i):
+            p = problems[i]
+            return multi_lora_linear(p.x.view(-1, shape.in_features), p.base.weight, p.base.bias, p.lora_a,
+                                     p.lora_b, p.seg_indptr, p.seg_adapter, [1.0] * len(p.seg_adapter),
+                                     backend=backend)
+        return call
+
     calls = {
-        "cublas base-only": (lambda: F.linear(x2, weight, bias), True),
-        "cgkernels": (lambda: multi_lora_linear(x2, weight, bias, problem.lora_a, problem.lora_b, problem.seg_indptr,
-                                                BRANCH_ADAPTERS, scales, backend=_triton_backend(ctx)), True),
-        "torch lora path": (lambda: multi_lora_linear(x2, weight, bias, problem.lora_a, problem.lora_b,
-                                                      problem.seg_indptr, BRANCH_ADAPTERS, scales, backend="torch"),
-                            True),
-        # peft builds index tensors from Python lists on every call: not capturable, timed with events.
-        "peft mixed batch": (lambda: problem.forward("peft mixed batch"), False),
+        "cublas base-only": (lambda i: F.linear(problems[i].x, problems[i].base.weight, problems[i].base.bias), True),
+        "cgkernels": (fused(_triton_backend(ctx)), True),
+        "torch lora path": (fused("torch"), True),
+        # peft builds index tensors from Python lists on every call: not capturable, events only.
+        "peft mixed batch": (lambda i: problems[i].forward("peft mixed batch"), False),
     }
     before = set(mll._best_config_cache)
     times = {}
+    common = dict(shape=shape.name, rows=rows, in_features=shape.in_features, out_features=shape.out_features,
+                  rank=rank, dtype=str(dtype), layout=layout)
     with torch.no_grad():
-        for variant in BENCH_VARIANTS:
+        for variant in BENCH_VARIANTS if layout == "grouped" else STRESS_BENCH_VARIANTS:
             fn, graphable = calls[variant]
-            timing = ctx.guarded("bench", lambda: time_call(ctx, fn, graphable=graphable), shape=shape.name,
-                                 rank=rank, variant=variant)
-            if timing is None:
-                continue
-            times[variant] = timing
-            ctx.record("bench", shape=shape.name, rows=6 * shape.tokens, in_features=shape.in_features,
-                       out_features=shape.out_features, rank=rank, dtype=str(dtype), variant=variant, **timing)
+            timing = ctx.guarded("bench", lambda: time_call(ctx, fn, num_sets, graphable=graphable), variant=variant,
+                                 **common)
+            if timing is not None:
+                times[variant] = timing
+                ctx.record("bench", variant=variant, input_set_bytes=set_bytes, rotated_bytes=num_sets * set_bytes,
+                           l2_bytes=l2_cache_bytes(ctx), **common, **timing)
     tuned = [repr(mll._best_config_cache[key]) for key in set(mll._best_config_cache) - before]
-    ctx.record("bench-summary", shape=shape.name, rank=rank, autotuned=tuned, **_ratios(times))
-    del problem
+    for summary in timer_ratios(times, BENCH_RATIOS):
+        ctx.record("bench-summary", **common, autotuned=tuned, **summary)
+    del problems
     _free(ctx)
 
 
-def _ratios(times: dict) -> dict:
-    def ratio(a, b):
-        if a not in times or b not in times:
-            return None
-        key = "gpu_us" if times[a]["gpu_us"] is not None else "host_us"
-        return round(times[a][key] / times[b][key], 4)
-
-    return dict(cgkernels_vs_cublas=ratio("cgkernels", "cublas base-only"),
-                cgkernels_vs_peft=ratio("cgkernels", "peft mixed batch"),
-                torch_path_vs_cublas=ratio("torch lora path", "cublas base-only"))
-
-
 def stage_kernel_bench(ctx):
+    """The grouped layout (what the patch emits) at every shape and rank first, then the interleaved stress layout
+    at rank 8."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     shapes = REHEARSAL_SHAPES if ctx.rehearsal else SD15_SHAPES + SDXL_SHAPES
-    for rank in (8,) if ctx.rehearsal else (8, 64):
-        for shape in shapes:
-            ctx.guarded("bench", lambda: _bench_layer(ctx, shape, rank), shape=shape.name, rank=rank)
+    for layout, ranks in (("grouped", (8,) if ctx.rehearsal else (8, 64)), ("interleaved", (8,))):
+        for rank in ranks:
+            for shape in shapes:
+                ctx.guarded("bench", lambda: _bench_layer(ctx, shape, rank, layout), shape=shape.name, rank=rank,
+                            layout=layout)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -343,6 +472,7 @@ def stage_kernel_bench(ctx):
 # ----------------------------------------------------------------------------------------------------------------
 def _check_merge(ctx, dtype, num_preds, rescale):
     from cgkernels.ops import guidance_merge, guidance_merge_reference
+    from cgkernels.ops.guidance_merge import merge_implementation
 
     shape = (2, 4, 8, 8) if ctx.rehearsal else (2, 4, 128, 128)
     gen = torch.Generator().manual_seed(num_preds)
@@ -355,7 +485,7 @@ def _check_merge(ctx, dtype, num_preds, rescale):
     error = (out.double() - expected).abs().max().item() / magnitude
     tolerance = TOLERANCE[dtype]
     ctx.check(error <= tolerance, "merge", dtype=str(dtype), num_preds=num_preds, rescale=rescale,
-              error_over_magnitude=error, tolerance=tolerance)
+              merge=merge_implementation(ctx.device), error_over_magnitude=error, tolerance=tolerance)
 
 
 def _check_pipeline(ctx, kind, dtype):
@@ -385,18 +515,20 @@ def _check_pipeline(ctx, kind, dtype):
     error = (out.float() - expected).abs().max().item()
     # fp32 on CUDA: cuDNN convolutions may use TF32, so the batched and the per-branch passes round differently.
     tolerance = 0.05 if dtype != torch.float32 else (1e-2 if ctx.device.type == "cuda" else 1e-3)
+    from cgkernels.ops.guidance_merge import merge_implementation
+
     ctx.check(error <= tolerance * effect, "pipeline", model=kind, dtype=str(dtype), device=str(out.device),
-              error=error, adapter_effect=effect, tolerance_of_effect=tolerance)
+              merge=merge_implementation(out.device), error=error, adapter_effect=effect,
+              tolerance_of_effect=tolerance)
 
 
 def stage_extension_correctness(ctx):
-    from cgkernels.ops.guidance_merge import EXTENSION_ERROR
+    """Without the extension (a failed build) the same checks run on guidance_merge's reference fallback, which the
+    patched pipelines then use: the records' merge field says which ran."""
+    from cgkernels.ops.guidance_merge import EXTENSION_ERROR, merge_implementation
 
-    ctx.record("extension", loaded=EXTENSION_ERROR is None,
+    ctx.record("extension", loaded=EXTENSION_ERROR is None, merge=merge_implementation(ctx.device),
                error=None if EXTENSION_ERROR is None else str(EXTENSION_ERROR))
-    if EXTENSION_ERROR is not None:
-        ctx.failures += 1
-        return
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for num_preds in (2, 6):
             for rescale in (0.0, 0.7):
@@ -457,16 +589,28 @@ def _unet_setup(ctx, kind):
 UNET_VARIANTS = ("base-only", "naive", "peft-mixed", "cgkernels")
 
 
+UNET_RATIOS = {
+    "cgkernels_vs_base-only": ("cgkernels", "base-only"),
+    "cgkernels_vs_naive": ("cgkernels", "naive"),
+    "cgkernels_vs_peft-mixed": ("cgkernels", "peft-mixed"),
+}
+
+
 def _unet_step(ctx, kind):
+    """Every variant timed with events (the naive and peft variants switch adapters on the host between calls: not
+    capturable), so every ratio compares event times with event times."""
+    from cgkernels.ops.guidance_merge import merge_implementation
+
     ub = _unet_bench_module()
     pipe, sample, text, added = _unet_setup(ctx, kind)
+    merge = merge_implementation(ctx.device)
     times = {}
     for variant in UNET_VARIANTS:
         run, cleanup = ub._variant_fn(variant, "contrastive", pipe, sample, text, added)
         try:
             with torch.inference_mode():
-                timing = ctx.guarded("unet-step", lambda: time_call(ctx, run, graphable=False,
-                                                                    iters=1 if ctx.rehearsal else 10),
+                timing = ctx.guarded("unet-step", lambda: time_call(ctx, lambda i: run(), graphable=False,
+                                                                    calls=1 if ctx.rehearsal else 2),
                                      model=kind, variant=variant)
         finally:
             if cleanup is not None:
@@ -475,12 +619,10 @@ def _unet_step(ctx, kind):
             pipe.unet.set_adapters(["pos", "neg"])
         if timing is not None:
             times[variant] = timing
-            ctx.record("unet-step", model=kind, mode="contrastive", rows=6, variant=variant, **timing)
-    key = "gpu_us" if ctx.device.type == "cuda" else "host_us"
-    if "cgkernels" in times:
-        ctx.record("unet-step-summary", model=kind, **{
-            f"cgkernels_vs_{other}": round(times["cgkernels"][key] / times[other][key], 4)
-            for other in ("base-only", "naive", "peft-mixed") if other in times})
+            fields = dict(merge=merge) if variant == "cgkernels" else {}
+            ctx.record("unet-step", model=kind, mode="contrastive", rows=6, variant=variant, **fields, **timing)
+    for summary in timer_ratios(times, UNET_RATIOS):
+        ctx.record("unet-step-summary", model=kind, merge=merge, **summary)
     del pipe
     _free(ctx)
 
@@ -514,7 +656,7 @@ def _unet_compiled(ctx, kind):
                 ctx.record("unet-compiled", model=kind, compiled=False, error=f"{type(error).__name__}: {error}"[:2000])
                 return
             compile_s = time.perf_counter() - start
-            timing = time_call(ctx, run, graphable=False, iters=1 if ctx.rehearsal else 10)
+            timing = time_call(ctx, lambda i: run(), graphable=False, calls=1 if ctx.rehearsal else 2)
         ctx.record("unet-compiled", model=kind, compiled=True, compile_s=round(compile_s, 1), **timing)
     finally:
         cgkernels.unpatch(pipe)
@@ -553,7 +695,8 @@ def _end_to_end(ctx):
                 seconds = time.perf_counter() - start
         finally:
             leave()
-        ctx.record("end-to-end", model="sd15", steps=steps, variant=variant, seconds=round(seconds, 4))
+        ctx.record("end-to-end", model="sd15", steps=steps, variant=variant, seconds=round(seconds, 4),
+                   timer="wall, one call after a warm-up, synchronized")
     del pipe
     _free(ctx)
 
@@ -577,7 +720,8 @@ def _train_step(ctx):
             seconds = (time.perf_counter() - start) / rounds
         finally:
             detach()
-        ctx.record("train-step", objective="sft", batching=batching, seconds=round(seconds, 4))
+        ctx.record("train-step", objective="sft", batching=batching, seconds=round(seconds, 4),
+                   timer=f"wall, mean of {rounds} synchronized steps after a warm-up")
 
 
 def stage_extras(ctx):
@@ -589,42 +733,43 @@ def stage_extras(ctx):
 # Stage: merge bandwidth
 # ----------------------------------------------------------------------------------------------------------------
 def _merge_bandwidth(ctx, num_preds, rescale):
+    """guidance_merge and a device-to-device copy moving the same bytes, each with every timer that applies; one
+    record per timer (fraction_of_copy compares the two with that timer)."""
     from cgkernels.ops import guidance_merge
+    from cgkernels.ops.guidance_merge import merge_implementation
 
-    # One prediction of 64 MiB in fp16 (the output); the K inputs are K times that.
+    # One prediction of 64 MiB in fp16 (the output); the K inputs are K times that: far beyond L2, one input set.
     elements = (1 << 14) if ctx.rehearsal else (64 << 20) // 2
     batch = 2
     preds = torch.randn(num_preds, batch, elements // batch, device=ctx.device, dtype=torch.float16)
     coeffs = [1.0 / num_preds] * num_preds
     ref_coeffs = [0.0] * (num_preds - 1) + [1.0]
     moved = (num_preds + 1) * elements * 2
-    def merge_call():
-        return guidance_merge(preds, coeffs, rescale=rescale, ref_coeffs=ref_coeffs)
-
-    merge = ctx.guarded("merge-bandwidth", lambda: time_call(ctx, merge_call, graphable=True,
-                                                             iters=3 if ctx.rehearsal else 20),
-                        num_preds=num_preds, rescale=rescale)
+    merge_impl = merge_implementation(ctx.device)
+    merge = ctx.guarded("merge-bandwidth", lambda: time_call(
+        ctx, lambda i: guidance_merge(preds, coeffs, rescale=rescale, ref_coeffs=ref_coeffs), graphable=True),
+        num_preds=num_preds, rescale=rescale, merge=merge_impl)
     source = torch.empty(moved // 4, device=ctx.device, dtype=torch.float16)  # copy: moved/2 read, moved/2 written
     target = torch.empty_like(source)
-    copy = time_call(ctx, lambda: target.copy_(source), graphable=True, iters=3 if ctx.rehearsal else 20)
+    copy = time_call(ctx, lambda i: target.copy_(source), graphable=True)
     if merge is None:
         return
-    key = "gpu_us" if ctx.device.type == "cuda" else "host_us"
-    merge_gbps = moved / (merge[key] * 1e-6) / 1e9
-    copy_gbps = moved / (copy[key] * 1e-6) / 1e9
-    ctx.record("merge-bandwidth", num_preds=num_preds, rescale=rescale, bytes=moved, merge=merge, copy=copy,
-               merge_gb_per_s=round(merge_gbps, 1), copy_gb_per_s=round(copy_gbps, 1),
-               fraction_of_copy=round(merge_gbps / copy_gbps, 4))
+    for timer in TIMERS:
+        if timer in merge and timer in copy:
+            merge_gbps = moved / (merge[timer]["median_us"] * 1e-6) / 1e9
+            copy_gbps = moved / (copy[timer]["median_us"] * 1e-6) / 1e9
+            ctx.record("merge-bandwidth", num_preds=num_preds, rescale=rescale, merge=merge_impl, timer=timer,
+                       bytes=moved, merge_time=merge[timer], copy_time=copy[timer],
+                       merge_host_us_one_call_after_sync=merge["host_us_one_call_after_sync"],
+                       merge_gb_per_s=round(merge_gbps, 1), copy_gb_per_s=round(copy_gbps, 1),
+                       fraction_of_copy=round(merge_gbps / copy_gbps, 4))
     del preds, source, target
     _free(ctx)
 
 
 def stage_merge_bandwidth(ctx):
-    from cgkernels.ops.guidance_merge import EXTENSION_ERROR
-
-    if EXTENSION_ERROR is not None:
-        ctx.check(False, "merge-bandwidth", error=f"extension not loaded: {EXTENSION_ERROR}")
-        return
+    """Runs whichever merge guidance_merge runs (the records' merge field): without the extension that is the
+    reference fallback, whose bandwidth is then the one the patched pipelines get."""
     for num_preds in (2, 4, 6):
         for rescale in (0.0, 0.7):
             _merge_bandwidth(ctx, num_preds, rescale)
@@ -633,27 +778,45 @@ def stage_merge_bandwidth(ctx):
 # ----------------------------------------------------------------------------------------------------------------
 # Stage: the op test files' CUDA cases
 # ----------------------------------------------------------------------------------------------------------------
+PYTEST_MARGIN_S = 15  # what the stage keeps after pytest's own timeout, to kill it and record the summary
+
+
 def stage_cuda_tests(ctx):
+    """pytest in its own process session with its own timeout (the stage's deadline minus a margin); its output is
+    streamed into OUT/cuda-tests.log, so a timeout keeps the lines of every test that finished."""
+    from gpu_suite import CUDA_TESTS_LOG, stop_session, start_session
+
     files = ["tests/test_multi_lora_linear.py"] + ([] if ctx.rehearsal else ["tests/test_guidance_merge.py"])
     # The rehearsal checks the invocation and the summary parsing with one quick test.
     selection = ["-k", "test_tile_schedule_covers_rows_once_and_is_cached"] if ctx.rehearsal else []
-    result = subprocess.run([sys.executable, "-m", "pytest", *files, *selection, "-q", "-p", "no:cacheprovider",
-                             "-rfE"], cwd=REPO, capture_output=True, text=True)
-    print(result.stdout[-20000:], result.stderr[-5000:], flush=True)
-    lines = result.stdout.strip().splitlines()
-    summary = lines[-1] if lines else result.stderr[-500:]
+    timeout = max(1.0, ctx.seconds_left() - PYTEST_MARGIN_S)
+    log_path = ctx.out / CUDA_TESTS_LOG
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = start_session([sys.executable, "-m", "pytest", *files, *selection, "-q", "-p", "no:cacheprovider",
+                                 "-rfE"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        # pytest has a session of its own: if the driver stops this stage, take pytest down too.
+        signal.signal(signal.SIGTERM, lambda signum, frame: (os.killpg(process.pid, signal.SIGKILL), sys.exit(143)))
+        try:
+            returncode, timed_out = process.wait(timeout=timeout), False
+        except subprocess.TimeoutExpired:
+            returncode, timed_out = stop_session(process), True
+    lines = log_path.read_text(errors="replace").strip().splitlines()
+    summary = lines[-1] if lines else ""
     failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
-    ctx.check(result.returncode == 0, "pytest", files=files, summary=summary, failed=failed[:50])
+    progress = "".join(line for line in lines if re.fullmatch(r"[.FEsxX]+(\s+\[\s*\d+%\])?", line.strip()))
+    ctx.check(returncode == 0 and not timed_out, "pytest", files=files, summary=summary, failed=failed[:50],
+              timed_out=timed_out, timeout_s=round(timeout), log=CUDA_TESTS_LOG,
+              passed_before_stop=progress.count("."), failed_before_stop=progress.count("F"))
 
 
 STAGE_FUNCTIONS = {
     "env": stage_env,
-    "kernel-correctness": stage_kernel_correctness,
     "kernel-bench": stage_kernel_bench,
+    "merge-bandwidth": stage_merge_bandwidth,
+    "kernel-correctness": stage_kernel_correctness,
     "extension-correctness": stage_extension_correctness,
     "unet-step": stage_unet_step,
-    "merge-bandwidth": stage_merge_bandwidth,
-    "unet-compiled": stage_unet_compiled,
     "extras": stage_extras,
+    "unet-compiled": stage_unet_compiled,
     "cuda-tests": stage_cuda_tests,
 }

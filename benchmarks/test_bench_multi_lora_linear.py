@@ -1,7 +1,11 @@
 """Multi-LoRA linear at SD1.5 / SDXL attention and feed-forward shapes, rows = 6 guidance branches x tokens.
 
-Branch layout (cPGD-style): [uncond base, uncond +pos, uncond +neg, cond base, cond +pos, cond +neg], i.e. adapters
-[-1, 0, 1, -1, 0, 1]. Variants, in the same run:
+Row layouts (LAYOUTS), both measured, grouped first:
+- "grouped": what the patch emits for contrastive guidance (cgkernels.guidance.row_plan groups rows by adapter mix):
+  [b(u), b(c) | p(u), p(c) | n(u), n(c)], three segments of 2 x tokens rows with adapters [-1, 0, 1].
+- "interleaved": [b(u), p(u), n(u), b(c), p(c), n(c)], six segments with adapters [-1, 0, 1, -1, 0, 1]. No caller
+  emits it; it stays as a stress case (twice the segment boundaries, each adapter's rows in two runs).
+Variants, in the same run:
 - base-only F.linear (the baseline: cuBLAS on CUDA; the floor any LoRA method pays)
 - peft mixed batch: peft.tuners.lora.Linear with adapters "pos"/"neg", forward(x, adapter_names=[...]) per sample
 - naive per-segment loop: one F.linear + LoRA per branch, then torch.cat
@@ -24,7 +28,11 @@ import torch.nn.functional as F
 
 from cgkernels.ops import multi_lora_linear
 
-BRANCH_ADAPTERS = [-1, 0, 1, -1, 0, 1]
+# layout: adapter of each of the 6 branches in row order (-1: base only); equal neighbours form one segment
+LAYOUTS = {
+    "grouped": [-1, -1, 0, 0, 1, 1],
+    "interleaved": [-1, 0, 1, -1, 0, 1],
+}
 ADAPTER_NAMES = ["pos", "neg"]
 # name: (tokens per branch on CUDA, in features, out features)
 SHAPES = {
@@ -38,6 +46,8 @@ SHAPES = {
 CPU_SHAPES = ["sd15 to_q 64x64", "sd15 ff.proj (GEGLU) 64x64", "sdxl to_q 32x32"]
 CPU_TOKENS = 256
 VARIANTS = ["base-only F.linear", "peft mixed batch", "naive per-segment loop", "cgkernels"]
+# The stress layout runs the variants whose work depends on the row layout, and its group's baseline.
+STRESS_VARIANTS = ["base-only F.linear", "peft mixed batch", "cgkernels"]
 CPU_THREADS = int(os.environ.get("CGKERNELS_BENCH_THREADS", "1"))
 MIN_ROUNDS = 15
 CPU_WARMUP_CALLS = 3
@@ -54,17 +64,33 @@ def fixed_cpu_threads():
     torch.set_num_threads(previous)
 
 
-class LoraProblem:
-    """One layer's operands: a frozen base linear and two LoRA adapters, shared by every variant."""
+def segments(branch_adapters, tokens):
+    """(seg_indptr, seg_adapter) of a branch layout: neighbouring branches with one adapter form one segment, as
+    cgkernels.lora_layers routes them."""
+    indptr, adapters = [0], []
+    for adapter in branch_adapters:
+        if adapters and adapters[-1] == adapter:
+            indptr[-1] += tokens
+        else:
+            adapters.append(adapter)
+            indptr.append(indptr[-1] + tokens)
+    return indptr, adapters
 
-    def __init__(self, tokens, in_features, out_features, rank, device, dtype):
-        gen = torch.Generator().manual_seed(0)
-        self.x = (torch.randn(len(BRANCH_ADAPTERS), tokens, in_features, generator=gen)).to(device, dtype)
+
+class LoraProblem:
+    """One layer's operands: a frozen base linear and two LoRA adapters, shared by every variant, and a row layout
+    (a LAYOUTS key)."""
+
+    def __init__(self, tokens, in_features, out_features, rank, device, dtype, layout="grouped", seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.layout = layout
+        self.branch_adapters = LAYOUTS[layout]
+        self.x = (torch.randn(len(self.branch_adapters), tokens, in_features, generator=gen)).to(device, dtype)
         self.base = nn.Linear(in_features, out_features).to(device, dtype).requires_grad_(False)
         self.lora_a = (torch.randn(2, rank, in_features, generator=gen) * in_features**-0.5).to(device, dtype)
         self.lora_b = (torch.randn(2, out_features, rank, generator=gen) * rank**-0.5).to(device, dtype)
         self.scale = 1.0
-        self.seg_indptr = [tokens * i for i in range(len(BRANCH_ADAPTERS) + 1)]
+        self.seg_indptr, self.seg_adapter = segments(self.branch_adapters, tokens)
         self.peft_layer = self._peft_layer(rank)
 
     def _peft_layer(self, rank):
@@ -100,20 +126,20 @@ class LoraProblem:
         if variant == "base-only F.linear":
             return F.linear(x, weight, bias)
         if variant == "peft mixed batch":
-            names = ["__base__" if a < 0 else ADAPTER_NAMES[a] for a in BRANCH_ADAPTERS]
+            names = ["__base__" if a < 0 else ADAPTER_NAMES[a] for a in self.branch_adapters]
             return self.peft_layer(x, adapter_names=names)
         if variant == "naive per-segment loop":
             outputs = []
-            for branch, adapter in enumerate(BRANCH_ADAPTERS):
+            for branch, adapter in enumerate(self.branch_adapters):
                 out = F.linear(x[branch], weight, bias)
                 if adapter >= 0:
                     out = out + self.scale * F.linear(F.linear(x[branch], self.lora_a[adapter]), self.lora_b[adapter])
                 outputs.append(out)
             return torch.stack(outputs)
         if variant == "cgkernels":
-            scales = [self.scale] * len(BRANCH_ADAPTERS)
+            scales = [self.scale] * len(self.seg_adapter)
             lora = (self.lora_a, self.lora_b)
-            return multi_lora_linear(x, weight, bias, *lora, self.seg_indptr, BRANCH_ADAPTERS, scales)
+            return multi_lora_linear(x, weight, bias, *lora, self.seg_indptr, self.seg_adapter, scales)
         raise ValueError(variant)
 
 
@@ -123,7 +149,7 @@ def lora_flop_floor(in_features, out_features, rank, with_backward):
     Per LoRA row the base costs 2KN (forward) and the adapter 2r(K+N); with backward (dx only for the frozen base)
     the base costs 4KN and the adapter at least 6r(K+N): shrink and expand, dx's two rank-r products, dA and dB.
     """
-    lora_rows = sum(a >= 0 for a in BRANCH_ADAPTERS) / len(BRANCH_ADAPTERS)
+    lora_rows = 4 / 6  # 4 of the 6 branches carry an adapter, in either layout
     base, adapter = (4, 6) if with_backward else (2, 2)
     k, n = in_features, out_features
     return 1 + lora_rows * adapter * rank * (k + n) / (base * k * n)
@@ -153,25 +179,29 @@ def make_call(problem, variant, with_backward):
 @pytest.mark.parametrize("with_backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("rank", [8, 64])
 @pytest.mark.parametrize("shape_name", list(SHAPES))
-def test_multi_lora_linear(benchmark, bench_device, shape_name, rank, with_backward, variant):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_multi_lora_linear(benchmark, bench_device, layout, shape_name, rank, with_backward, variant):
     on_cuda = bench_device.type == "cuda"
     if not on_cuda and shape_name not in CPU_SHAPES:
         pytest.skip("reduced CPU suite")
+    if layout != "grouped" and (variant not in STRESS_VARIANTS or rank != 8 or with_backward):
+        pytest.skip("the interleaved stress layout: forward, rank 8, the layout-dependent variants")
     tokens, in_features, out_features = SHAPES[shape_name]
     tokens = tokens if on_cuda else CPU_TOKENS
     dtype = torch.float16 if on_cuda else torch.float32
-    problem = LoraProblem(tokens, in_features, out_features, rank, bench_device, dtype)
+    problem = LoraProblem(tokens, in_features, out_features, rank, bench_device, dtype, layout=layout)
     call = make_call(problem, variant, with_backward)
     for _ in range(1 if on_cuda else CPU_WARMUP_CALLS):
         call()  # warm-up: Triton compile and autotune (CUDA), allocator and BLAS setup (CPU), outside the timing
 
-    rows = tokens * len(BRANCH_ADAPTERS)
+    rows = tokens * len(problem.branch_adapters)
     kind = "fwd+bwd" if with_backward else "fwd"
     benchmark.group = (
-        f"multi-lora {kind} {shape_name} rows={rows} {in_features}->{out_features} r={rank} "
+        f"multi-lora {kind} {layout} {shape_name} rows={rows} {in_features}->{out_features} r={rank} "
         f"{str(dtype).removeprefix('torch.')}"
     )
     benchmark.extra_info["variant"] = variant
+    benchmark.extra_info["layout"] = layout
     if variant == "base-only F.linear":
         benchmark.extra_info["baseline"] = True
     benchmark.extra_info["cpu_threads"] = torch.get_num_threads()

@@ -395,9 +395,10 @@ def test_auto_backend_uses_torch_on_cpu(monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_auto_backend_autotunes_and_caches_schedule(dtype):
-    # A realistic layer (6 branches x 300 tokens, SD1.5 widths): autotuned Triton path, schedule reused per call.
+    # A realistic layer (6 branches x 300 tokens, SD1.5 widths, grouped by mix as the patch emits them: base, pos,
+    # neg): autotuned Triton path, schedule reused per call.
     device = torch.device("cuda")
-    layout = dict(seg_indptr=[300 * i for i in range(7)], seg_adapter=[-1, 0, 1, -1, 0, 1], seg_scale=[1.0, 0.8] * 3)
+    layout = dict(seg_indptr=[0, 600, 1200, 1800], seg_adapter=[-1, 0, 1], seg_scale=[1.0, 0.8, 0.8])
     tensors = make_inputs(1800, 320, 320, ranks=[8, 8], dtype=dtype, device=device)
     y = multi_lora_linear(*tensors, **layout)
     assert_close_rel(y, reference_of(tensors, **layout), TOLERANCE[dtype])
@@ -482,21 +483,27 @@ def test_auto_backend_routes_fp32_cuda_to_torch(monkeypatch):
 
 
 GUIDANCE_LAYOUTS = {
-    # [uncond, cond] x [base, +pos, +neg] branches of equal length: each adapter's runs become one batched product.
-    "regular": dict(seg_indptr=[0, 11, 22, 33, 44, 55, 66], seg_adapter=[-1, 0, 1, -1, 0, 1], seg_scale=[1.5] * 6),
-    # The same with per-branch scales: per-run fallback for the adapters whose scales differ.
-    "scales-differ": dict(seg_indptr=[0, 11, 22, 33, 44, 55, 66], seg_adapter=[-1, 0, 1, -1, 0, 1],
-                          seg_scale=[1.0, 0.5, -2.0, 1.0, 0.5, 1.25]),
+    # What the patch emits for contrastive guidance (guidance.row_plan groups rows by mix): [b(u), b(c) | p(u), p(c) |
+    # n(u), n(c)], here one segment per branch as a caller might pass them: neighbours merge into one run per adapter.
+    "grouped": dict(seg_indptr=[0, 11, 22, 33, 44, 55, 66], seg_adapter=[-1, -1, 0, 0, 1, 1], seg_scale=[1.5] * 6),
+    # Stress cases no caller emits: branches interleaved [b, +pos, +neg] x [uncond, cond] (two runs per adapter),
+    # with one scale and with per-branch scales.
+    "interleaved": dict(seg_indptr=[0, 11, 22, 33, 44, 55, 66], seg_adapter=[-1, 0, 1, -1, 0, 1], seg_scale=[1.5] * 6),
+    "interleaved-scales-differ": dict(seg_indptr=[0, 11, 22, 33, 44, 55, 66], seg_adapter=[-1, 0, 1, -1, 0, 1],
+                                      seg_scale=[1.0, 0.5, -2.0, 1.0, 0.5, 1.25]),
 }
+
+
+def test_grouped_layout_gives_one_run_per_adapter():
+    layout = GUIDANCE_LAYOUTS["grouped"]
+    plan = mll._validate_segments(layout["seg_indptr"], layout["seg_adapter"], layout["seg_scale"], 66, 2)
+    assert plan.runs() == ((0, 22, -1, 0.0), (22, 44, 0, 1.5), (44, 66, 1, 1.5))
 
 
 @pytest.mark.parametrize("layout", list(GUIDANCE_LAYOUTS))
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("torch", torch.float32), ("triton", torch.float16)])
 def test_gradients_of_guidance_layouts(device, backend, dtype, layout):
     layout = GUIDANCE_LAYOUTS[layout]
-    plan = mll._validate_segments(layout["seg_indptr"], layout["seg_adapter"], layout["seg_scale"], 66, 2)
-    groups = {group.adapter: group.batched for group in mll._adapter_rows(plan)}
-    assert groups == {0: True, 1: layout["seg_scale"][2] == layout["seg_scale"][5]}
     tensors = make_inputs(66, 29, 37, ranks=[6, 4], dtype=dtype, device=device, seed=13)
     leaves = [t.clone().requires_grad_(flag) for t, flag in zip(tensors, [True, False, False, True, True])]
     grad_y = torch.randn(66, 29, generator=torch.Generator().manual_seed(6), dtype=torch.float64)

@@ -14,18 +14,25 @@ The kernels are C++/CUDA (csrc/guidance_merge*.{cpp,cu}) registered with TORCH_L
 (one [K, B, *S] tensor), with fake implementations below, so torch.compile and CUDA graphs see one opaque op. Both
 forms read the predictions in place: no stack, no unbind. All argument checks happen here, on the host; the
 coefficients stay Python floats (no device tensors, no syncs).
+
+Without a usable kernel (cgkernels._C failed to build or load, or was built without CUDA and the predictions are on
+a GPU) `guidance_merge` runs `guidance_merge_reference` instead: same result (fp32 accumulation), a few more
+kernel launches and memory passes. It warns once per process and device type; `merge_implementation(device)` says
+which of the two runs, so benchmarks can record it. CGKERNELS_REQUIRE_EXTENSION=1 turns the fallback into an error.
 """
 from __future__ import annotations
 
 import math
 import numbers
+import os
+import warnings
 from collections.abc import Sequence
 
 import torch
 
 # The compiled library registers torch.ops.cgkernels.*. A missing or broken build must not make the rest of the
 # package (the Triton multi-LoRA op above all, on a GPU machine whose extension build failed) unimportable: remember
-# why it failed and raise that, with the fix, when guidance_merge is called.
+# why it failed, fall back to the reference merge and say so (once) when guidance_merge is called.
 try:
     import cgkernels._C  # noqa: F401
 except ImportError as error:  # OSError from a bad .so surfaces as ImportError too
@@ -35,6 +42,8 @@ else:
 
 MAX_PREDS = 16  # the CUDA kernel takes the K input pointers by value
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+EXTENSION, REFERENCE = "extension", "reference"  # what merge_implementation returns
+_fallback_warned: set = set()  # device types whose fallback was announced
 
 
 def guidance_merge(
@@ -55,6 +64,8 @@ def guidance_merge(
         rescale > 0.
 
     Inference only: it has no autograd formula (use `guidance_merge_reference` where gradients are needed).
+    Runs the compiled kernel, or `guidance_merge_reference` where none is usable (see the module docstring and
+    `merge_implementation`).
     """
     if isinstance(preds, torch.Tensor):
         _check_stacked_predictions(preds)
@@ -80,7 +91,11 @@ def guidance_merge(
             "guidance_merge has no autograd formula: call it under torch.no_grad() or use "
             "guidance_merge_reference when gradients are needed"
         )
-    _require_extension()
+    device = preds.device if isinstance(preds, torch.Tensor) else pred_list[0].device
+    if merge_implementation(device) == REFERENCE:
+        _announce_fallback(device)
+        return guidance_merge_reference(preds if isinstance(preds, torch.Tensor) else pred_list, coeff_list,
+                                        rescale=rescale, ref_coeffs=ref_list or None)
     if isinstance(preds, torch.Tensor):
         return torch.ops.cgkernels.guidance_merge.stacked(preds, coeff_list, rescale, ref_list)
     return torch.ops.cgkernels.guidance_merge.default(pred_list, coeff_list, rescale, ref_list)
@@ -91,13 +106,35 @@ def extension_available() -> bool:
     return EXTENSION_ERROR is None
 
 
-def _require_extension() -> None:
+def merge_implementation(device: torch.device | str = "cpu") -> str:
+    """Which merge `guidance_merge` runs for predictions on `device`: "extension" (the compiled kernel) or
+    "reference" (`guidance_merge_reference`: no extension, or one built without kernels for that device type)."""
+    return EXTENSION if _has_kernel(torch.device(device).type) else REFERENCE
+
+
+def _has_kernel(device_type: str) -> bool:
+    return device_type in _KERNEL_DEVICE_TYPES
+
+
+def _fallback_reason(device_type: str) -> str:
     if EXTENSION_ERROR is not None:
-        raise RuntimeError(
-            f"guidance_merge needs the compiled extension cgkernels._C, which failed to load ({EXTENSION_ERROR}); "
-            "build it with `pip install --no-build-isolation .` (or `python setup.py build_ext --inplace`), or use "
-            "guidance_merge_reference"
-        )
+        return f"the compiled extension cgkernels._C failed to load ({EXTENSION_ERROR})"
+    return f"cgkernels._C was built without {device_type} kernels"
+
+
+def _announce_fallback(device: torch.device) -> None:
+    """Warns once per device type (never while torch.compile traces: the warning came from the eager call);
+    raises instead under CGKERNELS_REQUIRE_EXTENSION=1, for runs that must not measure the fallback."""
+    reason = _fallback_reason(device.type)
+    fix = ("build it with `pip install --no-build-isolation .` (or `python setup.py build_ext --inplace`; set "
+           "CGKERNELS_CUDA=1 to make a CUDA build fail loudly)")
+    if os.environ.get("CGKERNELS_REQUIRE_EXTENSION", "0") == "1":
+        raise RuntimeError(f"guidance_merge: {reason} and CGKERNELS_REQUIRE_EXTENSION=1; {fix}")
+    if torch.compiler.is_compiling() or device.type in _fallback_warned:
+        return
+    _fallback_warned.add(device.type)
+    warnings.warn(f"guidance_merge: {reason}; using the reference merge (same result, slower); {fix}",
+                  RuntimeWarning, stacklevel=3)
 
 
 def guidance_merge_reference(
@@ -209,6 +246,13 @@ def _guidance_merge_fake(preds, coeffs, rescale, ref_coeffs):
 def _guidance_merge_stacked_fake(preds, coeffs, rescale, ref_coeffs):
     return preds.new_empty(preds.shape[1:])
 
+
+# Device types the library has kernels for, asked of the dispatcher once (a plain set lookup per call, which
+# torch.compile can trace): a CPU-only build (no nvcc at install time) has no CUDA kernel.
+_KERNEL_DEVICE_TYPES = frozenset() if EXTENSION_ERROR is not None else frozenset(
+    device_type for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    if torch._C._dispatch_has_kernel_for_dispatch_key("cgkernels::guidance_merge", key)
+)
 
 if EXTENSION_ERROR is None:  # fake implementations attach to the ops the library defined
     torch.library.register_fake("cgkernels::guidance_merge", _guidance_merge_fake)

@@ -19,7 +19,6 @@ Backends
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import numbers
 import struct
@@ -666,51 +665,11 @@ def _triton_forward(x2, weight, bias, lora_a, lora_b, plan: SegmentPlan, keep_sh
 _FORWARDS = {"torch": _torch_forward, "triton": _triton_forward}
 
 
-@dataclass(frozen=True)
-class _AdapterRows:
-    """The rows one adapter serves: n runs of m rows each, `step` rows apart, one scale (a batched strided view), or
-    irregular runs (listed one by one)."""
-
-    adapter: int
-    runs: tuple  # (start, end, scale) per run
-    batched: bool
-
-    @property
-    def shape(self):
-        start, end, _ = self.runs[0]
-        step = self.runs[1][0] - start if len(self.runs) > 1 else end - start
-        return len(self.runs), end - start, step
-
-
-@functools.lru_cache(maxsize=256)  # once per routing, not per backward call
-def _adapter_rows(plan: SegmentPlan) -> tuple:
-    """Runs grouped by adapter. Guidance layouts (branches of equal length, e.g. [b, +pos, +neg] x [uncond, cond])
-    give each adapter equally long, equally spaced runs at one scale: those become one batched product."""
-    groups: dict = {}
-    for start, end, adapter, scale in plan.runs():
-        if adapter >= 0:
-            groups.setdefault(adapter, []).append((start, end, scale))
-    rows = []
-    for adapter, runs in groups.items():
-        lengths = {end - start for start, end, _ in runs}
-        steps = {runs[i + 1][0] - runs[i][0] for i in range(len(runs) - 1)}
-        scales = {scale for _, _, scale in runs}
-        rows.append(_AdapterRows(adapter, tuple(runs), len(lengths) == 1 and len(steps) <= 1 and len(scales) == 1))
-    return tuple(rows)
-
-
-def _row_view(tensor, group: _AdapterRows):
-    """[n, m, C] strided view of the group's rows of a row-major-strided [M, C] tensor (no copy)."""
-    n, m, step = group.shape
-    row_stride, col_stride = tensor.stride()
-    offset = tensor.storage_offset() + group.runs[0][0] * row_stride
-    return tensor.as_strided((n, m, tensor.shape[1]), (step * row_stride, row_stride, col_stride), offset)
-
-
 def _lora_grads(x2, grad_y, lora_a, lora_b, plan: SegmentPlan, need_a: bool, need_b: bool, shrink=None,
                 shrink_scaled: bool = False, grad_x=None):
-    """dA_a = sum_s scale_s (dy_s B_a)^T x_s and dB_a = sum_s scale_s dy_s^T (x_s A_a^T), one batched product per
-    adapter where its runs are regular (see _adapter_rows), else per run.
+    """dA_a = sum_s scale_s (dy_s B_a)^T x_s and dB_a = sum_s scale_s dy_s^T (x_s A_a^T), two products per run of
+    LoRA rows. The layouts the patch and the trainer emit group rows by adapter ([b(u), b(c) | p(u), p(c) | ...]),
+    and SegmentPlan.runs() merges neighbouring segments of one adapter and scale: one run, one product per adapter.
 
     shrink: the forward's x A_a^T rows ([M, >= R]; already multiplied by the scale if shrink_scaled: the Triton
     pre-pass), else recomputed here. grad_x: if given, each run's LoRA part of dx, scale_s (dy_s B_a) A_a, is added
@@ -722,27 +681,22 @@ def _lora_grads(x2, grad_y, lora_a, lora_b, plan: SegmentPlan, need_a: bool, nee
     grad_a = torch.zeros(lora_a.shape, dtype=acc_dtype, device=lora_a.device) if need_a else None
     grad_b = torch.zeros(lora_b.shape, dtype=acc_dtype, device=lora_b.device) if need_b else None
     rank = lora_a.shape[1]
-    for group in _adapter_rows(plan):
-        a = group.adapter
-        batches = [group] if group.batched else [
-            _AdapterRows(a, (run,), True) for run in group.runs  # one run: a batch of one
-        ]
-        for batch in batches:
-            scale = batch.runs[0][2]
-            x_b, dy_b = _row_view(x2, batch), _row_view(grad_y, batch)  # [n, m, K], [n, m, N]
-            if need_a or grad_x is not None:
-                expand_grad = dy_b @ lora_b[a]  # [n, m, R]
-                if grad_x is not None:
-                    _row_view(grad_x, batch).baddbmm_(expand_grad, lora_a[a].expand(len(batch.runs), -1, -1),
-                                                      alpha=scale)
-                if need_a:
-                    grad_a[a].add_((expand_grad.transpose(1, 2) @ x_b).sum(0, dtype=acc_dtype), alpha=scale)
-            if need_b:
-                if shrink is None:
-                    shrink_b, factor = x_b @ lora_a[a].t(), scale
-                else:
-                    shrink_b, factor = _row_view(shrink, batch)[:, :, :rank], 1.0 if shrink_scaled else scale
-                grad_b[a].add_((dy_b.transpose(1, 2) @ shrink_b).sum(0, dtype=acc_dtype), alpha=factor)
+    for start, end, a, scale in plan.runs():
+        if a < 0:
+            continue
+        x_run, dy_run = x2[start:end], grad_y[start:end]  # [m, K], [m, N]
+        if need_a or grad_x is not None:
+            expand_grad = dy_run @ lora_b[a]  # [m, R]
+            if grad_x is not None:
+                grad_x[start:end].addmm_(expand_grad, lora_a[a], alpha=scale)
+            if need_a:
+                grad_a[a].add_(expand_grad.t() @ x_run, alpha=scale)
+        if need_b:
+            if shrink is None:
+                shrink_run, factor = x_run @ lora_a[a].t(), scale
+            else:
+                shrink_run, factor = shrink[start:end, :rank], 1.0 if shrink_scaled else scale
+            grad_b[a].add_(dy_run.t() @ shrink_run, alpha=factor)
     return (
         grad_a.to(lora_a.dtype) if need_a else None,
         grad_b.to(lora_b.dtype) if need_b else None,
