@@ -1,0 +1,27 @@
+"""What the command-line scripts in python/ share: a --help that keeps the examples' line breaks and shows every
+default."""
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["HelpFormatter"]
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description verbatim (examples with their continuations), one help line per flag with its default
+    appended, unless the default is unset (None / False) or the help already says it."""
+
+    def __init__(self, prog, **kwargs):
+        kwargs.setdefault("width", 118)
+        kwargs.setdefault("max_help_position", 36)
+        super().__init__(prog, **kwargs)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        unset = default is None or default is False or default == argparse.SUPPRESS  # 0.0 == False: test identity
+        if unset or "default" in text:
+            return text
+        if isinstance(default, (list, tuple)):
+            default = " ".join(str(v) for v in default)
+        return f"{text} (default: {default})" if text else f"default: {default}"
