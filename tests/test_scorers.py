@@ -1,0 +1,208 @@
+"""The published scorers on their real architectures, built from tiny configs with random weights, saved in the
+layout their checkpoints are published in, and loaded through the scorers' own loading paths. Preprocessing is
+checked against the constants of the published processors (resize the short side to 224 bicubic, centre crop,
+OpenAI CLIP mean/std)."""
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cgkernels import scorers
+from cgkernels.scorers.common import CLIP_MEAN, CLIP_STD, load_state_dict
+from cgkernels.testing import build_clip_tokenizer
+
+WORDS = ["a", "red", "blue", "circle", "square", "photo", "of", "cat", "dog", "in", "the", "snow"]
+PROMPTS = ["a photo of a cat", "a red square in the snow", "a blue dog"]
+SIDE = 224  # the published CLIP-H/14 and CLIP-L/14 processors' crop: the tiny models keep the real resolution
+
+
+def _images():
+    rng = np.random.default_rng(0)
+    # Not square and not 224: the resize of the short side and the centre crop both matter.
+    sizes = [(300, 260), (240, 320), (225, 224)]
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+def _clip_folders(tmp_path, projection_dim: int):
+    """A tiny CLIPModel folder and a separate processor folder with the published CLIP preprocessing config."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = build_clip_tokenizer(WORDS, tmp_path / "tok", model_max_length=77)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",
+                         # pooled at the end-of-text token, as the published configs say
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=SIDE, patch_size=32, hidden_act="gelu"),
+        projection_dim=projection_dim,
+    )
+    torch.manual_seed(0)
+    model = CLIPModel(config)
+    with torch.no_grad():
+        model.logit_scale.fill_(np.log(100.0))  # PickScore's trained scale (the init is log(1/0.07))
+    model.save_pretrained(tmp_path / "model")
+    image_processor = CLIPImageProcessor(size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE},
+                                         resample=3, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+                                         do_convert_rgb=True)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp_path / "processor")
+    return tmp_path / "model", tmp_path / "processor"
+
+
+def _reference_pixels(image: Image.Image) -> torch.Tensor:
+    """The published CLIP preprocessing written out: short side to 224 (bicubic), centre crop 224, [0, 1], mean/std."""
+    width, height = image.size
+    scale = SIDE / min(width, height)
+    # The long side truncates, as torchvision's Resize(224) and the CLIP processors do.
+    resized = image.convert("RGB").resize((int(width * scale), int(height * scale)), Image.BICUBIC)
+    left, top = (resized.width - SIDE) // 2, (resized.height - SIDE) // 2
+    crop = np.asarray(resized.crop((left, top, left + SIDE, top + SIDE)), dtype=np.float64) / 255.0
+    return torch.from_numpy(((crop - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1))
+
+
+def _check_preprocessing(scorer_clip, images):
+    pixels = scorer_clip.pixel_values(images).double()
+    expected = torch.stack([_reference_pixels(image) for image in images])
+    assert pixels.shape == (len(images), 3, SIDE, SIDE)
+    assert (pixels - expected).abs().max() < 1e-5  # the same PIL resize; fp32 normalisation
+
+
+def _float64_clip(model_path, processor_path):
+    from transformers import CLIPModel, CLIPProcessor
+
+    return CLIPModel.from_pretrained(model_path).double().eval(), CLIPProcessor.from_pretrained(processor_path)
+
+
+def test_pickscore_published_layout_and_score(tmp_path):
+    model_path, processor_path = _clip_folders(tmp_path, projection_dim=16)
+    scorer = scorers.make_scorer("pickscore", model=model_path, processor=processor_path)
+    images = _images()
+    _check_preprocessing(scorer.clip, images)
+    scores = scorer(images, PROMPTS)
+
+    model, processor = _float64_clip(model_path, processor_path)
+    with torch.no_grad():
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"].double()
+        image_embeds = torch.nn.functional.normalize(model.vision_model(pixel_values=pixels).pooler_output
+                                                     @ model.visual_projection.weight.T, dim=-1)
+        tokens = processor(text=PROMPTS, padding=True, return_tensors="pt")
+        pooled = model.text_model(**tokens).pooler_output
+        text_embeds = torch.nn.functional.normalize(pooled @ model.text_projection.weight.T, dim=-1)
+    expected = 100.0 * (image_embeds * text_embeds).sum(-1)
+    np.testing.assert_allclose(scores, expected.numpy(), atol=1e-3)  # 100 * cos: fp32 rounding ~1e-5 of it
+    assert np.ptp(scores) > 1e-3  # the three (image, prompt) pairs score differently: no constant passes
+    # A prompt's score depends on the prompt: the text tower is in use.
+    assert abs(scorer(images[:1], [PROMPTS[1]])[0] - scores[0]) > 1e-4
+
+
+def test_aesthetic_published_layout_and_score(tmp_path):
+    clip_path, processor_path = _clip_folders(tmp_path, projection_dim=768)
+    for file in processor_path.iterdir():  # the published ViT-L/14 folder holds model and processor together
+        (clip_path / file.name).write_bytes(file.read_bytes())
+
+    class LaionMLP(torch.nn.Module):  # the released predictor's module: attribute `layers`, dropouts in between
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.Sequential(
+                torch.nn.Linear(768, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128), torch.nn.Dropout(0.2),
+                torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16), torch.nn.Linear(16, 1))
+
+    torch.manual_seed(1)
+    mlp = LaionMLP().eval()
+    torch.save(mlp.state_dict(), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    scorer = scorers.make_scorer("aesthetic", clip=clip_path, head=tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    images = _images()
+    _check_preprocessing(scorer.clip, images)
+    scores = scorer(images, PROMPTS)
+
+    model, processor = _float64_clip(clip_path, clip_path)
+    with torch.no_grad():
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"].double()
+        embeds = model.vision_model(pixel_values=pixels).pooler_output @ model.visual_projection.weight.T
+        expected = mlp.double().layers(torch.nn.functional.normalize(embeds, dim=-1)).squeeze(-1)
+    np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-4, atol=1e-5)
+    assert np.ptp(scores) > 1e-6
+    # Prompt-free: the prompts do not enter.
+    np.testing.assert_array_equal(scorer(images, ["x", "y", "z"]), scores)
+
+    mismatched = tmp_path / "head_512.pth"
+    torch.save({"layers.0.weight": torch.randn(4, 512), "layers.0.bias": torch.randn(4)}, mismatched)
+    with pytest.raises(ValueError, match="512-d embeddings.*768-d"):
+        scorers.make_scorer("aesthetic", clip=clip_path, head=mismatched)
+
+
+def test_processor_that_does_not_match_the_model_is_refused(tmp_path):
+    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
+
+    model_path, processor_path = _clip_folders(tmp_path, projection_dim=16)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    CLIPProcessor(image_processor=image_processor, tokenizer=CLIPTokenizer.from_pretrained(processor_path)
+                  ).save_pretrained(tmp_path / "processor_336")
+    with pytest.raises(ValueError, match="crops to 336x336 but the model .* takes 224x224"):
+        scorers.make_scorer("pickscore", model=model_path, processor=tmp_path / "processor_336")
+
+
+def test_missing_weights_and_packages_name_the_flag(tmp_path):
+    with pytest.raises(ValueError, match="unknown scorer"):
+        scorers.make_scorer("clipscore")
+    with pytest.raises(ValueError, match="--pickscore-model"):
+        scorers.make_scorer("pickscore")
+    with pytest.raises(FileNotFoundError, match="nowhere.pt.*--hpsv2-checkpoint"):
+        scorers.make_scorer("hpsv2", checkpoint=tmp_path / "nowhere.pt")
+    with pytest.raises(ValueError, match="--imagereward-med-config"):
+        scorers.make_scorer("imagereward", checkpoint=tmp_path)
+    with pytest.raises(ValueError, match="--aesthetic-head"):
+        scorers.make_scorer("aesthetic", clip=tmp_path)
+    with pytest.raises(TypeError, match="takes"):
+        scorers.make_scorer("hpsv2", model=tmp_path)
+    checkpoint = tmp_path / "weights.pt"
+    torch.save({"state_dict": {}}, checkpoint)
+    for name, module, paths in (("hpsv2", "open_clip", dict(checkpoint=checkpoint)),
+                                ("imagereward", "ImageReward", dict(checkpoint=checkpoint, med_config=checkpoint))):
+        if importlib.util.find_spec(module) is None:
+            with pytest.raises(ImportError, match=f"{module}.*cgkernels\\[eval\\]"):
+                scorers.make_scorer(name, **paths)
+
+
+def test_checkpoint_wrappers_are_unwrapped(tmp_path):
+    state = {"visual.proj": torch.randn(3, 2), "logit_scale": torch.tensor(4.6)}
+    torch.save({"state_dict": state, "epoch": 3}, tmp_path / "HPS_v2_compressed.pt")  # as HPS publishes it
+    loaded = load_state_dict(tmp_path / "HPS_v2_compressed.pt")
+    assert set(loaded) == set(state) and all(torch.equal(loaded[k], v) for k, v in state.items())
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="expected a state dict"):
+        load_state_dict(tmp_path / "list.pt")
+
+
+def test_taste_refuses_prompts_outside_the_demo_world():
+    taste = scorers.make_scorer("taste")
+    taste.check_prompts(["a large red circle in the center"])
+    with pytest.raises(scorers.ScorerInputError, match="--scorer pickscore"):
+        taste.check_prompts(["a large red circle in the center", "an astronaut riding a horse"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("open_clip") is None,
+                    reason="open_clip_torch needs torchvision, which has no build for the pinned CPU torch 2.13.0")
+def test_hpsv2_open_clip_architecture(tmp_path):
+    import open_clip
+
+    config = dict(embed_dim=16, vision_cfg=dict(image_size=SIDE, layers=2, width=32, patch_size=32, head_width=16),
+                  text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2))
+    open_clip.factory._MODEL_CONFIGS["tiny-ViT-H-14-test"] = config
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-ViT-H-14-test", pretrained=None)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "HPS_v2.1_compressed.pt")
+    from cgkernels.scorers.hpsv2 import HPSv2
+
+    scorer = HPSv2(tmp_path / "HPS_v2.1_compressed.pt", architecture="tiny-ViT-H-14-test")
+    images = _images()
+    pixels = scorer.pixel_values(images).double()
+    expected = torch.stack([_reference_pixels(image) for image in images])
+    assert (pixels - expected).abs().max() < 1e-5
+    with torch.no_grad():
+        image_embeds = model.encode_image(scorer.pixel_values(images), normalize=True)
+        text_embeds = model.encode_text(open_clip.get_tokenizer("ViT-H-14")(PROMPTS), normalize=True)
+    np.testing.assert_allclose(scorer(images, PROMPTS), (image_embeds * text_embeds).sum(-1).numpy(), atol=1e-5)
