@@ -19,7 +19,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        unset = default is None or default is False or default == argparse.SUPPRESS  # 0.0 == False: test identity
+        # A plain switch (store_true) is off unless given; 0.0 == False, hence the identity tests.
+        switch = default is False and not isinstance(action, argparse.BooleanOptionalAction)
+        unset = default is None or switch or default == argparse.SUPPRESS
         if unset or "default" in text:
             return text
         if isinstance(default, (list, tuple)):

@@ -234,6 +234,8 @@ def score_images(scorer: Scorer, records: list[ImageRecord], *, batch_size: int 
     cached = {folder: cache.load() for folder, cache in caches.items()}
     todo = sorted({r.path for r in records if _cache_key(r.path) not in cached[r.path.parent]})
     if state and world > 1 and scorer.fingerprint is not None:  # uncached scorers: every process scores all
+        # Every process must split the same list: none writes to the caches before all have read them.
+        state.wait_for_everyone()
         with state.split_between_processes(todo) as shard:
             todo = list(shard)
     prompt_of = {record.path: record.prompt for record in records}
@@ -321,16 +323,19 @@ def plot_win_rates(rows: list[dict], path) -> Path:
     fig, axes = plt.subplots(1, len(scorer_names), figsize=(4.5 * len(scorer_names), 3.6), squeeze=False)
     for ax, scorer_name in zip(axes[0], scorer_names):
         mine = [r for r in rows if r["scorer"] == scorer_name and r["strength"] is not None]
-        for method in dict.fromkeys(r.get("method") for r in mine):
+        methods = list(dict.fromkeys(r.get("method") for r in mine))
+        span = max((r["strength"] for r in mine), default=1.0) - min((r["strength"] for r in mine), default=0.0)
+        for index, method in enumerate(methods):
             line = sorted((r for r in mine if r.get("method") == method), key=lambda r: r["strength"])
-            x = [r["strength"] for r in line]
+            dodge = 0.012 * (span or 1.0) * (index - (len(methods) - 1) / 2)  # methods at one strength side by side
+            x = [r["strength"] + dodge for r in line]
             y = np.array([r["win_rate"] for r in line])
             ci = np.array([r["win_rate_ci"] for r in line]).T
             ax.errorbar(x, y, yerr=np.abs(ci - y), marker="o", capsize=3, label=method or "method")
         ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="tie with baseline")
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("guidance strength")
-        ax.set_ylabel("win rate vs baseline")
+        ax.set_ylabel("win rate vs baseline (ties count ½)")
         n = max((r["pairs"] for r in mine), default=0)
         ax.set_title(f"{scorer_name} ({n} pairs, {int(100 * rows[0]['ci_level'])}% CI)")
         ax.grid(alpha=0.3)
