@@ -21,7 +21,8 @@ SIDE = 224  # the published CLIP-H/14 and CLIP-L/14 processors' crop: the tiny m
 def _images():
     rng = np.random.default_rng(0)
     # Not square and not 224: the resize of the short side and the centre crop both matter.
-    sizes = [(300, 260), (240, 320), (225, 224)]
+    # (227, 224): a crop offset of 1.5, which torchvision rounds to 2 and the transformers processor floors to 1.
+    sizes = [(300, 260), (240, 320), (227, 224)]
     return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
 
 
@@ -52,20 +53,26 @@ def _clip_folders(tmp_path, projection_dim: int):
     return tmp_path / "model", tmp_path / "processor"
 
 
-def _reference_pixels(image: Image.Image) -> torch.Tensor:
-    """The published CLIP preprocessing written out: short side to 224 (bicubic), centre crop 224, [0, 1], mean/std."""
+def _reference_pixels(image: Image.Image, offset=lambda excess: int(round(excess / 2))) -> torch.Tensor:
+    """The published CLIP preprocessing written out: short side to 224 (bicubic), centre crop 224, [0, 1], mean/std.
+    `offset`: the crop offset from the excess length; torchvision (OpenAI's clip.load, ImageReward, open_clip)
+    rounds half the excess, the transformers processor (PickScore) floors it."""
     width, height = image.size
     scale = SIDE / min(width, height)
     # The long side truncates, as torchvision's Resize(224) and the CLIP processors do.
     resized = image.convert("RGB").resize((int(width * scale), int(height * scale)), Image.BICUBIC)
-    left, top = (resized.width - SIDE) // 2, (resized.height - SIDE) // 2
+    left, top = offset(resized.width - SIDE), offset(resized.height - SIDE)
     crop = np.asarray(resized.crop((left, top, left + SIDE, top + SIDE)), dtype=np.float64) / 255.0
     return torch.from_numpy(((crop - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1))
 
 
-def _check_preprocessing(scorer_clip, images):
-    pixels = scorer_clip.pixel_values(images).double()
-    expected = torch.stack([_reference_pixels(image) for image in images])
+def _floor(excess):
+    return excess // 2
+
+
+def _check_preprocessing(scorer, images, offset=lambda excess: int(round(excess / 2))):
+    pixels = scorer.pixel_values(images).double()
+    expected = torch.stack([_reference_pixels(image, offset) for image in images])
     assert pixels.shape == (len(images), 3, SIDE, SIDE)
     assert (pixels - expected).abs().max() < 1e-5  # the same PIL resize; fp32 normalisation
 
@@ -80,7 +87,7 @@ def test_pickscore_published_layout_and_score(tmp_path):
     model_path, processor_path = _clip_folders(tmp_path, projection_dim=16)
     scorer = scorers.make_scorer("pickscore", model=model_path, processor=processor_path)
     images = _images()
-    _check_preprocessing(scorer.clip, images)
+    _check_preprocessing(scorer, images, _floor)
     scores = scorer(images, PROMPTS)
 
     model, processor = _float64_clip(model_path, processor_path)
@@ -115,12 +122,12 @@ def test_aesthetic_published_layout_and_score(tmp_path):
     torch.save(mlp.state_dict(), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
     scorer = scorers.make_scorer("aesthetic", clip=clip_path, head=tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
     images = _images()
-    _check_preprocessing(scorer.clip, images)
+    _check_preprocessing(scorer, images)
     scores = scorer(images, PROMPTS)
 
-    model, processor = _float64_clip(clip_path, clip_path)
+    model, _ = _float64_clip(clip_path, clip_path)
     with torch.no_grad():
-        pixels = processor(images=images, return_tensors="pt")["pixel_values"].double()
+        pixels = torch.stack([_reference_pixels(image) for image in images])
         embeds = model.vision_model(pixel_values=pixels).pooler_output @ model.visual_projection.weight.T
         expected = mlp.double().layers(torch.nn.functional.normalize(embeds, dim=-1)).squeeze(-1)
     np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-4, atol=1e-5)
@@ -160,11 +167,11 @@ def test_missing_weights_and_packages_name_the_flag(tmp_path):
         scorers.make_scorer("hpsv2", model=tmp_path)
     checkpoint = tmp_path / "weights.pt"
     torch.save({"state_dict": {}}, checkpoint)
-    for name, module, paths in (("hpsv2", "open_clip", dict(checkpoint=checkpoint)),
-                                ("imagereward", "ImageReward", dict(checkpoint=checkpoint, med_config=checkpoint))):
-        if importlib.util.find_spec(module) is None:
-            with pytest.raises(ImportError, match=f"{module}.*cgkernels\\[eval\\]"):
-                scorers.make_scorer(name, **paths)
+    with pytest.raises(ValueError, match="--imagereward-tokenizer"):
+        scorers.make_scorer("imagereward", checkpoint=checkpoint, med_config=checkpoint)
+    if importlib.util.find_spec("open_clip") is None:
+        with pytest.raises(ImportError, match="open_clip.*cgkernels\\[eval\\]"):
+            scorers.make_scorer("hpsv2", checkpoint=checkpoint)
 
 
 def test_checkpoint_wrappers_are_unwrapped(tmp_path):
@@ -206,3 +213,113 @@ def test_hpsv2_open_clip_architecture(tmp_path):
         image_embeds = model.encode_image(scorer.pixel_values(images), normalize=True)
         text_embeds = model.encode_text(open_clip.get_tokenizer("ViT-H-14")(PROMPTS), normalize=True)
     np.testing.assert_allclose(scorer(images, PROMPTS), (image_embeds * text_embeds).sum(-1).numpy(), atol=1e-5)
+
+
+def _blip_reference_score(state: dict, med: dict, pixels: torch.Tensor, ids, mask) -> torch.Tensor:
+    """ImageReward's score computed directly from the checkpoint's tensors in float64: BLIP's ViT (pre-norm blocks,
+    LayerNorm eps 1e-6, exact GELU), BERT with cross-attention (post-norm), the [CLS] state through the MLP."""
+    f = {k: v.double() for k, v in state.items() if v.is_floating_point()}
+    gelu, layer_norm = torch.nn.functional.gelu, torch.nn.functional.layer_norm
+
+    def attention(q, k, v, heads, key_mask=None):
+        b, n, d = q.shape
+        split = lambda x: x.reshape(b, x.shape[1], heads, d // heads).transpose(1, 2)  # noqa: E731
+        logits = split(q) @ split(k).transpose(-1, -2) / (d // heads) ** 0.5
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask[:, None, None, :].bool(), float("-inf"))
+        return (logits.softmax(-1) @ split(v)).transpose(1, 2).reshape(b, n, d)
+
+    v = "blip.visual_encoder."
+    width = f[v + "pos_embed"].shape[-1]
+    x = torch.nn.functional.conv2d(pixels.double(), f[v + "patch_embed.proj.weight"], f[v + "patch_embed.proj.bias"],
+                                   stride=f[v + "patch_embed.proj.weight"].shape[-1]).flatten(2).transpose(1, 2)
+    x = torch.cat([f[v + "cls_token"].expand(len(x), 1, width), x], 1) + f[v + "pos_embed"]
+    for i in range(len({k.split(".")[3] for k in f if k.startswith(v + "blocks.")})):
+        p = f"{v}blocks.{i}."
+        h = layer_norm(x, (width,), f[p + "norm1.weight"], f[p + "norm1.bias"], 1e-6)
+        q, k, val = (h @ f[p + "attn.qkv.weight"].T + f[p + "attn.qkv.bias"]).chunk(3, -1)
+        x = x + attention(q, k, val, width // 64) @ f[p + "attn.proj.weight"].T + f[p + "attn.proj.bias"]
+        h = layer_norm(x, (width,), f[p + "norm2.weight"], f[p + "norm2.bias"], 1e-6)
+        x = x + gelu(h @ f[p + "mlp.fc1.weight"].T + f[p + "mlp.fc1.bias"]) @ f[p + "mlp.fc2.weight"].T + f[p + "mlp.fc2.bias"]
+    image = layer_norm(x, (width,), f[v + "norm.weight"], f[v + "norm.bias"], 1e-6)
+
+    t, d, eps, heads = "blip.text_encoder.", med["hidden_size"], med["layer_norm_eps"], med["num_attention_heads"]
+    lin = lambda x, name: x @ f[name + ".weight"].T + f[name + ".bias"]  # noqa: E731
+    norm = lambda x, name: layer_norm(x, (d,), f[name + ".weight"], f[name + ".bias"], eps)  # noqa: E731
+    y = f[t + "embeddings.word_embeddings.weight"][ids] + f[t + "embeddings.position_embeddings.weight"][:ids.shape[1]]
+    y = norm(y, t + "embeddings.LayerNorm")
+    for i in range(med["num_hidden_layers"]):
+        p = f"{t}encoder.layer.{i}."
+        for part, keys, key_mask in (("attention", y, mask), ("crossattention", image, None)):
+            a = attention(lin(y, p + part + ".self.query"), lin(keys, p + part + ".self.key"),
+                          lin(keys, p + part + ".self.value"), heads, key_mask)
+            y = norm(lin(a, p + part + ".output.dense") + y, p + part + ".output.LayerNorm")
+        y = norm(lin(gelu(lin(y, p + "intermediate.dense")), p + "output.dense") + y, p + "output.LayerNorm")
+    r = y[:, 0]
+    for index in (0, 2, 4, 6, 7):
+        r = lin(r, f"mlp.layers.{index}")
+    return (r.squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
+
+
+def test_imagereward_published_layout_and_score(tmp_path):
+    import json
+
+    from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig, BlipVisionModel
+    from transformers.models.blip.modeling_blip_text import BlipTextModel
+
+    from cgkernels.scorers import imagereward
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(tmp_path / "bert" / "vocab.txt"), do_lower_case=True).save_pretrained(tmp_path / "bert")
+    # med_config.json as ImageReward ships it (BERT-base there; tiny here), vocab + BLIP's [DEC] and [ENC].
+    med = {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+           "hidden_dropout_prob": 0.1, "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 64,
+           "layer_norm_eps": 1e-12, "max_position_embeddings": 40, "model_type": "bert", "num_attention_heads": 2,
+           "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": len(vocab) + 2,
+           "encoder_width": 128, "add_cross_attention": True}
+    (tmp_path / "med_config.json").write_text(json.dumps(med))
+
+    torch.manual_seed(0)
+    vision = BlipVisionModel(BlipVisionConfig(hidden_size=128, intermediate_size=96, num_hidden_layers=2,
+                                              num_attention_heads=2, image_size=SIDE, patch_size=32,
+                                              layer_norm_eps=1e-6))
+    text = BlipTextModel(BlipTextConfig(vocab_size=med["vocab_size"], hidden_size=32, encoder_hidden_size=128,
+                                        intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                        max_position_embeddings=40), add_pooling_layer=False)
+    renames = {"embeddings.class_embedding": "cls_token", "embeddings.position_embedding": "pos_embed",
+               "embeddings.patch_embedding.": "patch_embed.proj.", "post_layernorm.": "norm.",
+               "encoder.layers.": "blocks.", ".layer_norm1.": ".norm1.", ".layer_norm2.": ".norm2.",
+               ".self_attn.qkv.": ".attn.qkv.", ".self_attn.projection.": ".attn.proj."}
+    state = {}
+    for name, value in vision.state_dict().items():  # BLIP's ViT names (timm), written from its layout
+        for new, old in renames.items():
+            name = name.replace(new, old)
+        state["blip.visual_encoder." + name] = value + 0.02 * torch.randn_like(value)  # no LayerNorm at identity
+    for name, value in text.state_dict().items():  # med.py's BertModel names, which transformers' port keeps
+        state["blip.text_encoder." + name] = value + 0.02 * torch.randn_like(value) if value.is_floating_point() else value
+    state["blip.text_encoder.embeddings.position_ids"] = torch.arange(40)[None]
+    for index, (n_in, n_out) in zip((0, 2, 4, 6, 7), ((32, 1024), (1024, 128), (128, 64), (64, 16), (16, 1))):
+        state[f"mlp.layers.{index}.weight"] = torch.randn(n_out, n_in) / n_in ** 0.5
+        state[f"mlp.layers.{index}.bias"] = 0.1 * torch.randn(n_out)
+    state["blip.vision_proj.weight"], state["blip.text_proj.weight"] = torch.randn(8, 128), torch.randn(8, 32)
+    torch.save(state, tmp_path / "ImageReward.pt")
+
+    scorer = scorers.make_scorer("imagereward", checkpoint=tmp_path / "ImageReward.pt",
+                                 med_config=tmp_path / "med_config.json", tokenizer=tmp_path / "bert")
+    images = _images()
+    _check_preprocessing(scorer, images)
+    scores = scorer(images, PROMPTS)
+    tokens = scorer.tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    assert tokens.input_ids[0, 0] == vocab.index("[CLS]") and len(scorer.tokenizer) == med["vocab_size"]
+    expected = _blip_reference_score(state, med, torch.stack([_reference_pixels(i) for i in images]),
+                                     tokens.input_ids, tokens.attention_mask)
+    np.testing.assert_allclose(scores, expected.numpy(), rtol=1e-4, atol=1e-4)
+    assert np.ptp(scores) > 1e-3
+    assert abs(scorer(images[:1], [PROMPTS[1]])[0] - scores[0]) > 1e-5  # the prompt enters
+
+    wrong = {k: v for k, v in state.items() if not k.startswith("mlp.")}
+    torch.save(wrong, tmp_path / "not_imagereward.pt")
+    with pytest.raises(ValueError, match="not an ImageReward checkpoint"):
+        imagereward.ImageRewardScore(tmp_path / "not_imagereward.pt", tmp_path / "med_config.json", tmp_path / "bert")

@@ -3,8 +3,8 @@
 - "pickscore": PickScore_v1, a CLIP-H/14 pair model (transformers CLIPModel + CLIPProcessor folders);
   score = logit_scale * cos(image, prompt).
 - "hpsv2": HPS v2 / v2.1, open_clip ViT-H-14 with the HPS checkpoint; score = cos(image, prompt).
-- "imagereward": ImageReward v1.0, BLIP + MLP as the `image-reward` package builds it, with ImageReward.pt and
-  med_config.json; score = the package's normalised reward.
+- "imagereward": ImageReward v1.0, BLIP + MLP from ImageReward.pt (the `image-reward` package's layout) and
+  med_config.json, on transformers' BLIP modules; score = the package's standardised reward.
 - "aesthetic": the LAION aesthetic predictor v2, CLIP ViT-L/14 (transformers folder) + the LAION MLP over the
   normalised image embedding; prompt-free.
 - "taste": the demo's reward (cgkernels.demo): it scores only captions of the demo world.
@@ -28,7 +28,8 @@ PATH_OPTIONS = {
                   "processor": "local CLIP-ViT-H-14 processor folder (default: the --pickscore-model folder)"},
     "hpsv2": {"checkpoint": "local HPS_v2_compressed.pt or HPS_v2.1_compressed.pt"},
     "imagereward": {"checkpoint": "local ImageReward.pt",
-                    "med_config": "local med_config.json of ImageReward (BLIP's BERT config)"},
+                    "med_config": "local med_config.json of ImageReward (BLIP's BERT config)",
+                    "tokenizer": "local bert-base-uncased tokenizer folder (BLIP's text tokenizer)"},
     "aesthetic": {"clip": "local CLIP ViT-L/14 folder (openai/clip-vit-large-patch14: model + processor)",
                   "head": "local sac+logos+ava1-l14-linearMSE.pth (or a .safetensors of it)"},
 }
@@ -63,4 +64,4 @@ def make_scorer(name: str, device: str = "cpu", **paths) -> Scorer:
         return HPSv2(paths.get("checkpoint"), device=device)
     from cgkernels.scorers.imagereward import ImageRewardScore
 
-    return ImageRewardScore(paths.get("checkpoint"), paths.get("med_config"), device=device)
+    return ImageRewardScore(paths.get("checkpoint"), paths.get("med_config"), paths.get("tokenizer"), device=device)

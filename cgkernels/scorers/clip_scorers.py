@@ -3,14 +3,17 @@ openai/clip-vit-large-patch14 are published in).
 
 PickScore (Kirstain et al. 2023): logit_scale * cos(image embedding, prompt embedding) of the PickScore_v1
 CLIP-H/14, images and text through the CLIP-ViT-H-14 processor. LAION aesthetic predictor v2: an MLP over the
-L2-normalised CLIP ViT-L/14 image embedding.
+L2-normalised CLIP ViT-L/14 image embedding, images pre-processed as OpenAI's clip.load does (torchvision's
+resize and centre crop, whose crop offset rounds where the transformers processor's floors).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from cgkernels.scorers.common import Scorer, fingerprint, load_state_dict, require_package, require_path
+from cgkernels.scorers.common import (
+    Scorer, clip_preprocess, fingerprint, load_state_dict, require_package, require_path,
+)
 
 
 def _projected(features):
@@ -32,14 +35,14 @@ class _ClipFolder:
             raise ValueError(f"{processor_path}: the processor crops to {crop['height']}x{crop['width']} but the "
                              f"model {model_path} takes {side}x{side} images")
 
-    def pixel_values(self, images) -> torch.Tensor:
+    def processor_pixels(self, images) -> torch.Tensor:
         """The processor's pre-processing: RGB, resize the short side (bicubic), centre crop, CLIP normalisation."""
         rgb = [image.convert("RGB") for image in images]
         return self.processor(images=rgb, return_tensors="pt")["pixel_values"]
 
     @torch.no_grad()
-    def image_embeddings(self, images) -> torch.Tensor:
-        pixels = self.pixel_values(images).to(self.device, self.model.dtype)
+    def image_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(self.device, self.model.dtype)
         embeds = _projected(self.model.get_image_features(pixel_values=pixels))
         return embeds / embeds.norm(dim=-1, keepdim=True)
 
@@ -62,8 +65,11 @@ class PickScore(Scorer):
         self.clip = _ClipFolder(self.name, model_path, processor_path, device)
         self.fingerprint = fingerprint(self.name, model_path, processor_path)
 
+    def pixel_values(self, images) -> torch.Tensor:
+        return self.clip.processor_pixels(images)  # PickScore was published with the transformers processor
+
     def __call__(self, images, prompts) -> np.ndarray:
-        image_embeds = self.clip.image_embeddings(images)
+        image_embeds = self.clip.image_embeddings(self.pixel_values(images))
         text_embeds = self.clip.text_embeddings(prompts)
         scale = self.clip.model.logit_scale.detach().exp()
         return (scale * (image_embeds * text_embeds).sum(-1)).float().cpu().numpy()
@@ -107,7 +113,12 @@ class AestheticScore(Scorer):
                              f"model {clip_path} gives {embed_dim}-d (the LAION head goes with ViT-L/14)")
         self.fingerprint = fingerprint(self.name, clip_path, head_path)
 
+    def pixel_values(self, images) -> torch.Tensor:
+        # The predictor was fit on embeddings from OpenAI's clip.load pre-processing (torchvision's).
+        side = self.clip.model.config.vision_config.image_size
+        return torch.stack([clip_preprocess(image, side) for image in images])
+
     @torch.no_grad()
     def __call__(self, images, prompts) -> np.ndarray:
-        embeds = self.clip.image_embeddings(images).float()
+        embeds = self.clip.image_embeddings(self.pixel_values(images)).float()
         return self.head(embeds).cpu().numpy()

@@ -6,6 +6,8 @@ import importlib
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
 
 # OpenAI CLIP's normalisation: the image statistics every scorer here was trained with (CLIP-L, CLIP-H, BLIP).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -79,3 +81,17 @@ def load_state_dict(path: Path) -> dict:
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
     return state
+
+
+def clip_preprocess(image, side: int = 224) -> torch.Tensor:
+    """OpenAI CLIP's pre-processing as torchvision runs it on a PIL image (clip.load, ImageReward, open_clip):
+    Resize(side, bicubic) of the short side with the long side truncated, CenterCrop(side) with the offset
+    rounded, [0, 1], CLIP mean/std. Returns a 3 x side x side float32 tensor."""
+    image = image.convert("RGB")
+    width, height = image.size
+    size = (side, int(side * height / width)) if width <= height else (int(side * width / height), side)
+    resized = image.resize(size, Image.BICUBIC)  # PIL returns a copy when the size is unchanged, as torchvision
+    left, top = int(round((size[0] - side) / 2.0)), int(round((size[1] - side) / 2.0))
+    pixels = np.asarray(resized.crop((left, top, left + side, top + side)), dtype=np.float32) / 255.0
+    normalised = (pixels - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
