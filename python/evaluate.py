@@ -9,7 +9,7 @@ Examples:
 On N GPUs (the images still to score are split between the processes; scores are cached per image):
     accelerate launch --multi_gpu --num_processes N python/evaluate.py ...same options...
 
-Weights are local paths only (nothing is downloaded); the packages: pip install 'cgkernels[eval]'. The scorer
+Weights are local paths only (nothing is downloaded); all scorers run on the core dependencies. The scorer
 "taste" is the demo's reward and scores only captions of the demo world.
 """
 import argparse

@@ -192,9 +192,8 @@ def test_scorer_errors_name_the_flag_and_package(tmp_path):
     _refused(run("evaluate", *base, "--scorer", "hpsv2", "--hpsv2-checkpoint", tmp_path / "HPS_v2.1.pt",
                  timeout=60), "HPS_v2.1.pt", "--hpsv2-checkpoint")
     _refused(run("evaluate", *base, "--scorer", "clipscore", timeout=60), "--scorer: unknown clipscore")
-    try:
-        import open_clip  # noqa: F401
-    except ImportError:
-        (tmp_path / "HPS_v2.1.pt").write_bytes(b"")
-        _refused(run("evaluate", *base, "--scorer", "hpsv2", "--hpsv2-checkpoint", tmp_path / "HPS_v2.1.pt",
-                     timeout=60), "open_clip", r"cgkernels\[eval\]")
+    (tmp_path / "HPS_v2.1.pt").write_bytes(b"")
+    _refused(run("evaluate", *base, "--scorer", "hpsv2", "--hpsv2-checkpoint", tmp_path / "HPS_v2.1.pt",
+                 timeout=60), "--hpsv2-tokenizer")
+    _refused(run("evaluate", *base, "--scorer", "imagereward", "--imagereward-checkpoint", tmp_path / "HPS_v2.1.pt",
+                 "--imagereward-med-config", tmp_path / "HPS_v2.1.pt", timeout=60), "--imagereward-tokenizer")

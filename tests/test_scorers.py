@@ -2,8 +2,6 @@
 layout their checkpoints are published in, and loaded through the scorers' own loading paths. Preprocessing is
 checked against the constants of the published processors (resize the short side to 224 bicubic, centre crop,
 OpenAI CLIP mean/std)."""
-import importlib
-
 import numpy as np
 import pytest
 import torch
@@ -169,9 +167,8 @@ def test_missing_weights_and_packages_name_the_flag(tmp_path):
     torch.save({"state_dict": {}}, checkpoint)
     with pytest.raises(ValueError, match="--imagereward-tokenizer"):
         scorers.make_scorer("imagereward", checkpoint=checkpoint, med_config=checkpoint)
-    if importlib.util.find_spec("open_clip") is None:
-        with pytest.raises(ImportError, match="open_clip.*cgkernels\\[eval\\]"):
-            scorers.make_scorer("hpsv2", checkpoint=checkpoint)
+    with pytest.raises(ValueError, match="--hpsv2-tokenizer"):
+        scorers.make_scorer("hpsv2", checkpoint=checkpoint)
 
 
 def test_checkpoint_wrappers_are_unwrapped(tmp_path):
@@ -191,28 +188,98 @@ def test_taste_refuses_prompts_outside_the_demo_world():
         taste.check_prompts(["a large red circle in the center", "an astronaut riding a horse"])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("open_clip") is None,
-                    reason="open_clip_torch needs torchvision, which has no build for the pinned CPU torch 2.13.0")
-def test_hpsv2_open_clip_architecture(tmp_path):
-    import open_clip
+def _attention(q, k, v, heads, key_mask=None, causal=False):
+    b, n, d = q.shape
+    split = lambda x: x.reshape(b, x.shape[1], heads, d // heads).transpose(1, 2)  # noqa: E731
+    logits = split(q) @ split(k).transpose(-1, -2) / (d // heads) ** 0.5
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :].bool(), float("-inf"))
+    if causal:
+        logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return (logits.softmax(-1) @ split(v)).transpose(1, 2).reshape(b, n, d)
 
-    config = dict(embed_dim=16, vision_cfg=dict(image_size=SIDE, layers=2, width=32, patch_size=32, head_width=16),
-                  text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2))
-    open_clip.factory._MODEL_CONFIGS["tiny-ViT-H-14-test"] = config
-    torch.manual_seed(0)
-    model = open_clip.create_model("tiny-ViT-H-14-test", pretrained=None)
-    torch.save({"state_dict": model.state_dict()}, tmp_path / "HPS_v2.1_compressed.pt")
-    from cgkernels.scorers.hpsv2 import HPSv2
 
-    scorer = HPSv2(tmp_path / "HPS_v2.1_compressed.pt", architecture="tiny-ViT-H-14-test")
+def _open_clip_reference_score(state: dict, pixels, ids, eos: int, vision_heads: int, text_heads: int):
+    """HPS computed straight from an open_clip state dict in float64: ViT (ln_pre, pre-norm blocks with the fused
+    in_proj, ln_post on the class token, @ proj), causal text transformer pooled at the end-of-text token
+    (@ text_projection), cosine of the normalised embeddings."""
+    f = {k: v.double() for k, v in state.items()}
+    ln = lambda x, name: torch.nn.functional.layer_norm(x, x.shape[-1:], f[name + ".weight"], f[name + ".bias"])  # noqa: E731
+    lin = lambda x, name: x @ f[name + ".weight"].T + f[name + ".bias"]  # noqa: E731
+
+    def blocks(x, prefix, heads, causal):
+        for i in range(len({k[len(prefix):].split(".")[0] for k in f if k.startswith(prefix)})):
+            p = f"{prefix}{i}."
+            q, k, v = (ln(x, p + "ln_1") @ f[p + "attn.in_proj_weight"].T + f[p + "attn.in_proj_bias"]).chunk(3, -1)
+            x = x + lin(_attention(q, k, v, heads, causal=causal), p + "attn.out_proj")
+            x = x + lin(torch.nn.functional.gelu(lin(ln(x, p + "ln_2"), p + "mlp.c_fc")), p + "mlp.c_proj")
+        return x
+
+    conv = f["visual.conv1.weight"]
+    x = torch.nn.functional.conv2d(pixels.double(), conv, stride=conv.shape[-1]).flatten(2).transpose(1, 2)
+    x = torch.cat([f["visual.class_embedding"].expand(len(x), 1, -1), x], 1) + f["visual.positional_embedding"]
+    x = blocks(ln(x, "visual.ln_pre"), "visual.transformer.resblocks.", vision_heads, False)
+    image = ln(x[:, 0], "visual.ln_post") @ f["visual.proj"]
+    y = f["token_embedding.weight"][ids] + f["positional_embedding"][: ids.shape[1]]
+    y = ln(blocks(y, "transformer.resblocks.", text_heads, True), "ln_final")
+    text = y[torch.arange(len(ids)), (ids == eos).int().argmax(-1)] @ f["text_projection"]
+    return (torch.nn.functional.normalize(image, dim=-1) * torch.nn.functional.normalize(text, dim=-1)).sum(-1)
+
+
+def _to_open_clip_layout(hf_state: dict) -> dict:
+    """A transformers CLIPModel state dict in open_clip's names (written from open_clip's module layout)."""
+    out = {}
+    for tower, src, dst in (("vision", "vision_model.encoder.layers.", "visual.transformer.resblocks."),
+                            ("text", "text_model.encoder.layers.", "transformer.resblocks.")):
+        for i in range(len({k[len(src):].split(".")[0] for k in hf_state if k.startswith(src)})):
+            s, d = f"{src}{i}.", f"{dst}{i}."
+            for kind in ("weight", "bias"):
+                out[f"{d}attn.in_proj_{kind}"] = torch.cat([hf_state[f"{s}self_attn.{r}_proj.{kind}"] for r in "qkv"])
+                for new, old in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
+                                 ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+                    out[f"{d}{new}.{kind}"] = hf_state[f"{s}{old}.{kind}"]
+    for new, old in (("visual.class_embedding", "vision_model.embeddings.class_embedding"),
+                     ("visual.conv1.weight", "vision_model.embeddings.patch_embedding.weight"),
+                     ("visual.positional_embedding", "vision_model.embeddings.position_embedding.weight"),
+                     ("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
+                     ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+                     ("logit_scale", "logit_scale")):
+        out[new] = hf_state[old]
+    for new, old in (("visual.ln_pre", "vision_model.pre_layrnorm"), ("visual.ln_post", "vision_model.post_layernorm"),
+                     ("ln_final", "text_model.final_layer_norm")):
+        out[new + ".weight"], out[new + ".bias"] = hf_state[old + ".weight"], hf_state[old + ".bias"]
+    out["visual.proj"] = hf_state["visual_projection.weight"].T.contiguous()
+    out["text_projection"] = hf_state["text_projection.weight"].T.contiguous()
+    return out
+
+
+def test_hpsv2_open_clip_checkpoint_and_score(tmp_path, monkeypatch):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from cgkernels.scorers import hpsv2
+
+    model_path, processor_path = _clip_folders(tmp_path, projection_dim=16)
+    hf_state = {k: v + 0.02 * torch.randn_like(v) if v.is_floating_point() else v  # no LayerNorm at identity
+                for k, v in CLIPModel.from_pretrained(model_path).state_dict().items()}
+    state = _to_open_clip_layout(hf_state)
+    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 1},
+               tmp_path / "HPS_v2.1_compressed.pt")  # as a DDP run saves it
+    # The tiny model's head sizes (ViT-H-14's are 80-wide vision heads and 16 text heads).
+    monkeypatch.setitem(hpsv2.ARCHITECTURES, "tiny", {"vision_head_width": 16, "text_heads": 2, "hidden_act": "gelu"})
+    scorer = hpsv2.HPSv2(tmp_path / "HPS_v2.1_compressed.pt", processor_path, architecture="tiny")
     images = _images()
-    pixels = scorer.pixel_values(images).double()
-    expected = torch.stack([_reference_pixels(image) for image in images])
-    assert (pixels - expected).abs().max() < 1e-5
-    with torch.no_grad():
-        image_embeds = model.encode_image(scorer.pixel_values(images), normalize=True)
-        text_embeds = model.encode_text(open_clip.get_tokenizer("ViT-H-14")(PROMPTS), normalize=True)
-    np.testing.assert_allclose(scorer(images, PROMPTS), (image_embeds * text_embeds).sum(-1).numpy(), atol=1e-5)
+    _check_preprocessing(scorer, images)
+    scores = scorer(images, PROMPTS)
+    tokenizer = CLIPTokenizer.from_pretrained(processor_path)
+    ids = tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    expected = _open_clip_reference_score(state, torch.stack([_reference_pixels(i) for i in images]), ids,
+                                          tokenizer.eos_token_id, vision_heads=2, text_heads=2)
+    np.testing.assert_allclose(scores, expected.numpy(), atol=1e-5)
+    assert np.ptp(scores) > 1e-3
+    assert abs(scorer(images[:1], [PROMPTS[1]])[0] - scores[0]) > 1e-5  # the prompt enters
+    torch.save({"state_dict": {"visual.proj": torch.zeros(2, 2)}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an open_clip CLIP state dict"):
+        hpsv2.HPSv2(tmp_path / "other.pt", processor_path)
 
 
 def _blip_reference_score(state: dict, med: dict, pixels: torch.Tensor, ids, mask) -> torch.Tensor:
@@ -221,13 +288,7 @@ def _blip_reference_score(state: dict, med: dict, pixels: torch.Tensor, ids, mas
     f = {k: v.double() for k, v in state.items() if v.is_floating_point()}
     gelu, layer_norm = torch.nn.functional.gelu, torch.nn.functional.layer_norm
 
-    def attention(q, k, v, heads, key_mask=None):
-        b, n, d = q.shape
-        split = lambda x: x.reshape(b, x.shape[1], heads, d // heads).transpose(1, 2)  # noqa: E731
-        logits = split(q) @ split(k).transpose(-1, -2) / (d // heads) ** 0.5
-        if key_mask is not None:
-            logits = logits.masked_fill(~key_mask[:, None, None, :].bool(), float("-inf"))
-        return (logits.softmax(-1) @ split(v)).transpose(1, 2).reshape(b, n, d)
+    attention = _attention
 
     v = "blip.visual_encoder."
     width = f[v + "pos_embed"].shape[-1]

@@ -2,7 +2,8 @@
 
 - "pickscore": PickScore_v1, a CLIP-H/14 pair model (transformers CLIPModel + CLIPProcessor folders);
   score = logit_scale * cos(image, prompt).
-- "hpsv2": HPS v2 / v2.1, open_clip ViT-H-14 with the HPS checkpoint; score = cos(image, prompt).
+- "hpsv2": HPS v2 / v2.1, the open_clip ViT-H-14 checkpoint read into transformers' CLIPModel; score =
+  cos(image, prompt).
 - "imagereward": ImageReward v1.0, BLIP + MLP from ImageReward.pt (the `image-reward` package's layout) and
   med_config.json, on transformers' BLIP modules; score = the package's standardised reward.
 - "aesthetic": the LAION aesthetic predictor v2, CLIP ViT-L/14 (transformers folder) + the LAION MLP over the
@@ -10,8 +11,8 @@
 - "taste": the demo's reward (cgkernels.demo): it scores only captions of the demo world.
 
 Every weight is a local path given by the user (the `--<scorer>-<option>` flags of python/evaluate.py); nothing is
-downloaded. A missing package or file is an error naming it and the flag. The packages come with
-`pip install cgkernels[eval]`.
+downloaded. A missing file is an error naming it and the flag. All run on the core dependencies (transformers);
+`pip install 'cgkernels[eval]'` adds ftfy (the CLIP tokenizers' text clean-up, as the published models had it).
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ PATH_OPTIONS = {
     "taste": {},
     "pickscore": {"model": "local PickScore_v1 folder (CLIPModel: config.json + weights)",
                   "processor": "local CLIP-ViT-H-14 processor folder (default: the --pickscore-model folder)"},
-    "hpsv2": {"checkpoint": "local HPS_v2_compressed.pt or HPS_v2.1_compressed.pt"},
+    "hpsv2": {"checkpoint": "local HPS_v2_compressed.pt or HPS_v2.1_compressed.pt",
+              "tokenizer": "local CLIP-ViT-H-14 tokenizer folder (the --pickscore-processor folder serves)"},
     "imagereward": {"checkpoint": "local ImageReward.pt",
                     "med_config": "local med_config.json of ImageReward (BLIP's BERT config)",
                     "tokenizer": "local bert-base-uncased tokenizer folder (BLIP's text tokenizer)"},
@@ -61,7 +63,7 @@ def make_scorer(name: str, device: str = "cpu", **paths) -> Scorer:
     if name == "hpsv2":
         from cgkernels.scorers.hpsv2 import HPSv2
 
-        return HPSv2(paths.get("checkpoint"), device=device)
+        return HPSv2(paths.get("checkpoint"), paths.get("tokenizer"), device=device)
     from cgkernels.scorers.imagereward import ImageRewardScore
 
     return ImageRewardScore(paths.get("checkpoint"), paths.get("med_config"), paths.get("tokenizer"), device=device)

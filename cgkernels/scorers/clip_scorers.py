@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from cgkernels.scorers.common import (
-    Scorer, clip_preprocess, fingerprint, load_state_dict, require_package, require_path,
+    Scorer, clip_preprocess, fingerprint, load_state_dict, require_path,
 )
 
 
@@ -25,7 +25,8 @@ class _ClipFolder:
     """A CLIPModel and its processor from local folders, checked to agree on the input resolution."""
 
     def __init__(self, scorer: str, model_path, processor_path, device: str):
-        transformers = require_package("transformers", scorer, "transformers")
+        import transformers
+
         self.device = device
         self.model = transformers.CLIPModel.from_pretrained(str(model_path), local_files_only=True).eval().to(device)
         self.processor = transformers.CLIPProcessor.from_pretrained(str(processor_path), local_files_only=True)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,6 @@ from PIL import Image
 # OpenAI CLIP's normalisation: the image statistics every scorer here was trained with (CLIP-L, CLIP-H, BLIP).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-EVAL_EXTRA = "pip install 'cgkernels[eval]'"
 
 
 class ScorerInputError(ValueError):
@@ -33,14 +31,6 @@ class Scorer:
 
     def check_prompts(self, prompts) -> None:
         return None
-
-
-def require_package(module: str, scorer: str, install: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise ImportError(f"scorer {scorer!r} needs the {module!r} package ({error}): {EVAL_EXTRA} or "
-                          f"pip install {install}") from error
 
 
 def require_path(path, scorer: str, option: str, what: str) -> Path:

@@ -20,7 +20,7 @@ import torch
 
 from cgkernels.scorers.clip_scorers import AestheticHead
 from cgkernels.scorers.common import (
-    Scorer, clip_preprocess, fingerprint, load_state_dict, require_package, require_path,
+    Scorer, clip_preprocess, fingerprint, load_state_dict, require_path,
 )
 
 # The package's standardisation of the raw MLP output (ImageReward.py, v1.0).
@@ -90,7 +90,7 @@ class ImageRewardScore(Scorer):
         med_config_path = require_path(med_config_path, self.name, "med_config", "ImageReward's med_config.json")
         tokenizer_path = require_path(tokenizer_path, self.name, "tokenizer",
                                       "the bert-base-uncased tokenizer folder (BLIP's text tokenizer)")
-        transformers = require_package("transformers", self.name, "transformers")
+        import transformers
         from transformers.models.blip.modeling_blip_text import BlipTextModel
 
         state = load_state_dict(checkpoint_path)
