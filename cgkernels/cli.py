@@ -1,10 +1,11 @@
 """What the command-line scripts in python/ share: a --help that keeps the examples' line breaks and shows every
-default."""
+default, and the process state under a multi-process launcher."""
 from __future__ import annotations
 
 import argparse
+import os
 
-__all__ = ["HelpFormatter"]
+__all__ = ["HelpFormatter", "distributed_state"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -27,3 +28,14 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if isinstance(default, (list, tuple)):
             default = " ".join(str(v) for v in default)
         return f"{text} (default: {default})" if text else f"default: {default}"
+
+
+def distributed_state(device: str | None = None):
+    """accelerate's process state when launched on several processes (`accelerate launch --multi_gpu`, torchrun),
+    else None. Without CUDA (or with device "cpu") the processes talk over gloo on the CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available() or str(device).startswith("cpu"))

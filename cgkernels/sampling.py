@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
+from cgkernels.cli import distributed_state
 from cgkernels.guidance import MODES
-from cgkernels.patching import patch, unpatch
 
 __all__ = ["SampleConfig", "WorkItem", "ADAPTERS_NEEDED", "parse_seeds", "parse_strengths", "read_prompts",
-           "plan_work", "distributed_state", "load_pipeline", "load_adapters", "sample", "image_grid"]
+           "plan_work", "load_pipeline", "load_adapters", "sample", "image_grid"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -231,16 +231,6 @@ def load_adapters(pipe, positive: str | None, negative: str | None) -> dict[str,
     return names
 
 
-def distributed_state(device: str | None = None):
-    """accelerate's process state when launched on several processes (`accelerate launch --multi_gpu`, torchrun),
-    else None. Without CUDA (or with device "cpu") the processes talk over gloo on the CPU."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available() or str(device).startswith("cpu"))
-
-
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -296,6 +286,8 @@ def _call_kwargs(pipe, config: SampleConfig, prompts: list[str], seeds: list[int
 @contextlib.contextmanager
 def _method(pipe, method: str, strength: float, adapters: dict, config: SampleConfig):
     """The pipeline patched for one method; "cfg" runs the base model with its adapters off."""
+    from cgkernels.patching import patch, unpatch  # diffusers and peft: only once there is something to sample
+
     base = method == "cfg" and adapters
     if base:
         pipe.disable_lora()

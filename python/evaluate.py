@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cgkernels.cli import HelpFormatter  # noqa: E402
+from cgkernels.cli import HelpFormatter, distributed_state  # noqa: E402
 from cgkernels.evaluate import evaluate, format_rows, plan_pairs, write_report  # noqa: E402
 from cgkernels.scorers import PATH_OPTIONS, SCORERS, ScorerInputError, flag, make_scorer  # noqa: E402
 
@@ -59,8 +59,6 @@ def main(argv=None) -> list:
         plan_pairs(args.images, args.baseline, args.baseline_method, args.baseline_strength)
     except (ValueError, OSError) as error:
         parser.error(f"--images/--baseline: {error}")
-
-    from cgkernels.sampling import distributed_state
 
     state = distributed_state(args.device)
     device = args.device or (str(state.device) if state else None)

@@ -178,7 +178,7 @@ def test_one_folder_sweep_and_baseline_choice(workspace, tmp_path):
     assert [(r["method"], r["strength"]) for r in rows] == [("contrastive", 1.0), ("contrastive", 2.0)]
 
 
-def test_scorer_errors_name_the_flag_and_package(tmp_path):
+def test_scorer_errors_name_the_flag(tmp_path, capsys):
     from PIL import Image
 
     for name in ("method", "base"):
@@ -186,14 +186,23 @@ def test_scorer_errors_name_the_flag_and_package(tmp_path):
         Image.fromarray(np.full((8, 8, 3), 90, np.uint8)).save(tmp_path / name / "a.png")
         (tmp_path / name / "a.json").write_text(json.dumps({"prompt": "an astronaut", "seed": 0}))
     base = ["--images", tmp_path / "method", "--baseline", tmp_path / "base", "--no-progress"]
-    _refused(run("evaluate", *base, "--scorer", "pickscore", timeout=60), "--pickscore-model")
-    _refused(run("evaluate", *base, "--scorer", "aesthetic", "--aesthetic-clip", tmp_path, timeout=60),
-             "--aesthetic-head")
-    _refused(run("evaluate", *base, "--scorer", "hpsv2", "--hpsv2-checkpoint", tmp_path / "HPS_v2.1.pt",
-                 timeout=60), "HPS_v2.1.pt", "--hpsv2-checkpoint")
-    _refused(run("evaluate", *base, "--scorer", "clipscore", timeout=60), "--scorer: unknown clipscore")
     (tmp_path / "HPS_v2.1.pt").write_bytes(b"")
-    _refused(run("evaluate", *base, "--scorer", "hpsv2", "--hpsv2-checkpoint", tmp_path / "HPS_v2.1.pt",
-                 timeout=60), "--hpsv2-tokenizer")
-    _refused(run("evaluate", *base, "--scorer", "imagereward", "--imagereward-checkpoint", tmp_path / "HPS_v2.1.pt",
-                 "--imagereward-med-config", tmp_path / "HPS_v2.1.pt", timeout=60), "--imagereward-tokenizer")
+    cases = [
+        (["--scorer", "pickscore"], ["--pickscore-model"]),
+        (["--scorer", "hpsv2", "--hpsv2-checkpoint", tmp_path / "HPS_v2.1.pt"], ["--hpsv2-tokenizer"]),
+        (["--scorer", "hpsv2", "--hpsv2-checkpoint", tmp_path / "nowhere.pt"], ["nowhere.pt", "--hpsv2-checkpoint"]),
+        (["--scorer", "aesthetic", "--aesthetic-clip", tmp_path], ["--aesthetic-head"]),
+        (["--scorer", "imagereward", "--imagereward-checkpoint", tmp_path / "HPS_v2.1.pt", "--imagereward-med-config",
+          tmp_path / "HPS_v2.1.pt"], ["--imagereward-tokenizer"]),
+        (["--scorer", "clipscore"], ["--scorer: unknown clipscore"]),
+    ]
+    for args, patterns in cases[:2]:  # as a user runs it
+        _refused(run("evaluate", *base, *args, timeout=60), *patterns)
+    import evaluate as evaluate_cli  # the rest in this process
+
+    for args, patterns in cases[2:]:
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate_cli.main([str(a) for a in base + args])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert all(re.search(p, err) for p in patterns), (patterns, err)

@@ -2,6 +2,7 @@
 strengths, batch-size invariance, resume, refusals before any model loads, and 2 processes equal to one."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -137,7 +138,7 @@ def test_prompt_files_and_seed_lists(tmp_path):
     assert set(sampling.ADAPTERS_NEEDED) == set(sampling.MODES)
 
 
-def test_bad_input_is_refused_before_any_model_loads_naming_the_flag(workspace, tmp_path):
+def test_bad_input_is_refused_before_any_model_loads_naming_the_flag(workspace, tmp_path, monkeypatch, capsys):
     empty = tmp_path / "not_a_model"
     empty.mkdir()  # a model folder that would fail to load: every refusal below must come first
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a red circle"}\n{"text": "no prompt key"}\n')
@@ -153,11 +154,19 @@ def test_bad_input_is_refused_before_any_model_loads_naming_the_flag(workspace, 
         (["--guidance", "cfg", "--prompt", "x", "--seeds", "0-"], "--seeds"),
         (["--guidance", "cfg", "--prompt", "x", "--batch-size", "0"], "--batch-size must be positive"),
     ]
-    for args, message in cases:
+    # As a user runs it: the two the issue reported (default mode without adapters, a misspelt method).
+    for args, message in cases[:3]:
         result = run_cli("--model", str(empty), "--out", str(tmp_path / "out"), *args)
         assert result.returncode == 2, (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr and "error:" in result.stderr, result.stderr[-2000:]
-        assert __import__("re").search(message, result.stderr), (message, result.stderr[-2000:])
+        assert re.search(message, result.stderr), (message, result.stderr[-2000:])
+    # The rest in this process, where "before any model loads" is observable.
+    monkeypatch.setattr(sampling, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    for args, message in cases[3:]:
+        with pytest.raises(SystemExit) as exit_info:
+            sample_cli.main(["--model", str(empty), "--out", str(tmp_path / "out"), *args])
+        assert exit_info.value.code == 2
+        assert re.search(message, capsys.readouterr().err), message
     assert not (tmp_path / "out").exists()
 
 
@@ -225,3 +234,25 @@ def test_lora_files_round_trip(tmp_path):
     original = {k: v for k, v in pipe.unet.state_dict().items() if "lora" in k}
     loaded = fresh.unet.state_dict()
     assert original and all(torch.equal(v, loaded[k]) for k, v in original.items())
+
+
+def test_a_crash_loses_only_the_batch_in_flight(workspace, tmp_path, monkeypatch):
+    config = sampling.SampleConfig(model=str(workspace / "model"), prompts=PROMPTS[:3], methods=["cfg"], seeds=[0, 1],
+                                   steps=2, batch_size=2, out=str(tmp_path / "out"), device="cpu")
+    original, calls = sampling._sample_batch, []
+
+    def crash_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "_sample_batch", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        sampling.sample(config, progress=False)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "cfg_s0_p00000_seed0.json", "cfg_s0_p00000_seed0.png", "cfg_s0_p00000_seed1.json", "cfg_s0_p00000_seed1.png"]
+    monkeypatch.setattr(sampling, "_sample_batch", original)
+    counts = sampling.sample(config, progress=False)
+    assert counts["skipped"] == 2 and counts["written"] == 4
+    assert len(list((tmp_path / "out").glob("*.png"))) == 6 and not list((tmp_path / "out").glob(".*tmp"))
