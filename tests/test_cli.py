@@ -4,8 +4,6 @@ import json
 import os
 import re
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from cgkernels.testing import add_random_lora, build_clip_tokenizer, save_lora, tiny_sd_pipeline
+from cgkernels.testing import build_clip_tokenizer
+from cli_testdata import launch_two, save_pipeline_with_loras
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {name: ROOT / "python" / f"{name}.py" for name in ("sample", "evaluate", "train")}
@@ -75,13 +74,7 @@ def workspace(tmp_path_factory):
     """A saved tiny SD1.5 pipeline with two LoRA files and a tiny PickScore-layout CLIP folder."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    root = tmp_path_factory.mktemp("cli")
-    pipe = tiny_sd_pipeline("sd15", seed=7)
-    pipe.save_pretrained(root / "model")
-    add_random_lora(pipe, "pos", rank=4, seed=1)
-    add_random_lora(pipe, "neg", rank=2, seed=2)
-    save_lora(pipe, "pos", root / "pos")
-    save_lora(pipe, "neg", root / "neg")
+    root = save_pipeline_with_loras(tmp_path_factory.mktemp("cli"))
     tokenizer = build_clip_tokenizer(["a", "red", "blue", "circle", "square", "cat"], root / "tok")
     config = CLIPConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -97,28 +90,6 @@ def workspace(tmp_path_factory):
     CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(root / "pickscore")
     (root / "prompts.txt").write_text("a red circle\na blue square\na red cat\n")
     return root
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch_two(script: str, *args, timeout=300):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), str(SCRIPTS[script]), *map(str, args)]
-    proc = subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"2-process {script}.py did not finish in {timeout} s: {stderr[-4000:]}")
-    assert proc.returncode == 0, stderr[-4000:]
-    return stdout
 
 
 def test_swept_samples_to_a_table_on_one_and_two_processes(workspace, tmp_path):
@@ -152,7 +123,7 @@ def test_swept_samples_to_a_table_on_one_and_two_processes(workspace, tmp_path):
     for folder in ("contrastive", "cfg"):
         for file in (tmp_path / "s" / folder / "scores").iterdir():
             file.unlink()
-    stdout = _launch_two("evaluate", "--images", tmp_path / "s" / "contrastive", "--baseline",
+    stdout = launch_two(SCRIPTS["evaluate"], "--images", tmp_path / "s" / "contrastive", "--baseline",
                          tmp_path / "s" / "cfg", *scorer, "--out", tmp_path / "two", "--device", "cpu")
     assert stdout.count("| pickscore | contrastive |") == 2  # rank 0 alone prints the table
     two = json.loads((tmp_path / "two" / "table.json").read_text())

@@ -3,8 +3,6 @@ strengths, batch-size invariance, resume, refusals before any model loads, and 2
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +14,7 @@ from PIL import Image
 
 from cgkernels import sampling
 from cgkernels.testing import add_random_lora, save_lora, tiny_sd3_pipeline, tiny_sd_pipeline
+from cli_testdata import launch_two, save_pipeline_with_loras
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = str(ROOT / "python" / "sample.py")
@@ -28,13 +27,7 @@ PROMPTS = ["a red circle", "a blue square", "a large green triangle", "a small r
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A saved tiny SD1.5 pipeline, a positive and a negative LoRA, a prompt file."""
-    root = tmp_path_factory.mktemp("sampling")
-    pipe = tiny_sd_pipeline("sd15", seed=7)
-    pipe.save_pretrained(root / "model")
-    add_random_lora(pipe, "pos", rank=4, seed=1)
-    add_random_lora(pipe, "neg", rank=2, seed=2)
-    save_lora(pipe, "pos", root / "pos")
-    save_lora(pipe, "neg", root / "neg")
+    root = save_pipeline_with_loras(tmp_path_factory.mktemp("sampling"))
     (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(PROMPTS)))
     return root
 
@@ -181,30 +174,6 @@ def test_sd3_folder_saved_without_t5_samples(tmp_path):
     assert np.asarray(Image.open(tmp_path / "out" / "cfg_s0_p00000_seed0.png")).std() > 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch_two(args, timeout=300):
-    """accelerate launch on 2 CPU processes (torchrun underneath, gloo), in its own process group."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), SAMPLE, *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"2-process sampling did not finish in {timeout} s: {stderr[-4000:]}")
-    assert proc.returncode == 0, stderr[-4000:]
-    return stdout
-
-
 def test_two_processes_write_the_one_process_images_and_rerun_writes_nothing(workspace, tmp_path):
     args = ["--guidance", "contrastive", "--strength", "2", "--prompts", str(workspace / "prompts.jsonl"),
             "--seeds", "0,1", "--batch-size", "2"]
@@ -212,7 +181,7 @@ def test_two_processes_write_the_one_process_images_and_rerun_writes_nothing(wor
     assert single.returncode == 0, single.stderr[-3000:]
     assert "wrote 10 images" in single.stdout
 
-    stdout = _launch_two(_base_args(workspace, tmp_path / "two", *args))
+    stdout = launch_two(SAMPLE, *_base_args(workspace, tmp_path / "two", *args))
     assert "on 2 processes" in stdout
     assert "rank 0: wrote 5 images" in stdout and "rank 1: wrote 5 images" in stdout
     _assert_same_images(_pixels(tmp_path / "one"), _pixels(tmp_path / "two"))
@@ -220,7 +189,7 @@ def test_two_processes_write_the_one_process_images_and_rerun_writes_nothing(wor
     assert len(sidecars) == 10 and sidecars == sorted(p.name for p in (tmp_path / "one").glob("*.json"))
 
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "two").iterdir()}
-    stdout = _launch_two(_base_args(workspace, tmp_path / "two", *args))
+    stdout = launch_two(SAMPLE, *_base_args(workspace, tmp_path / "two", *args))
     assert "10 already in" in stdout and "rank 0: wrote 0 images" in stdout and "rank 1: wrote 0 images" in stdout
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "two").iterdir()} == before
 
