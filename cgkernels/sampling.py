@@ -9,10 +9,10 @@ after checking that they were sampled with the same settings. Each image has its
 seed, so its initial noise does not depend on which batch it shares; the denoiser's batched arithmetic then
 changes it only within fp32 rounding.
 
-Across processes (`accelerate launch --num_processes N python/sample.py ...`, or torchrun), the full ordered item
-list is split in contiguous shards (accelerate's split_between_processes), each process skipping what exists in
-its own shard: the union of the outputs is the one-process run, and a killed process loses only its in-flight
-batch. All methods and strengths of one invocation share one pipeline load.
+Across processes (`accelerate launch --multi_gpu --num_processes N python/sample.py ...`, or torchrun), the
+full ordered item list is split in contiguous shards (accelerate's split_between_processes), each process skipping
+what exists in its own shard: the union of the outputs is the one-process run, and a killed process loses only its
+in-flight batch. All methods and strengths of one invocation share one pipeline load.
 """
 from __future__ import annotations
 
@@ -76,7 +76,8 @@ class SampleConfig:
         """Everything that can be checked before a model loads."""
         unknown = [m for m in self.methods if m not in MODES]
         if unknown or not self.methods:
-            raise ValueError(f"--guidance: unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(MODES)}")
+            raise ValueError(f"--guidance: unknown method {', '.join(unknown) or '(none)'}; "
+                             f"choose from {', '.join(MODES)}")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"--guidance lists a method twice: {self.methods}")
         for method in self.methods:
@@ -98,7 +99,8 @@ class SampleConfig:
         for name in ("steps", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not Path(self.model).exists() and Path(self.model).is_absolute():
+        looks_local = Path(self.model).is_absolute() or self.model.startswith(".") or self.model.count("/") != 1
+        if looks_local and not Path(self.model).exists():  # a hub id is "owner/name"
             raise FileNotFoundError(f"--model folder not found: {self.model}")
 
     def _uses(self, role: str) -> bool:

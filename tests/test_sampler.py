@@ -28,7 +28,8 @@ PROMPTS = ["a red circle", "a blue square", "a large green triangle", "a small r
 def workspace(tmp_path_factory):
     """A saved tiny SD1.5 pipeline, a positive and a negative LoRA, a prompt file."""
     root = save_pipeline_with_loras(tmp_path_factory.mktemp("sampling"))
-    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n" for i, p in enumerate(PROMPTS)))
+    lines = [json.dumps({"prompt": prompt, "id": index}) for index, prompt in enumerate(PROMPTS)]
+    (root / "prompts.jsonl").write_text("\n".join(lines) + "\n")
     return root
 
 
@@ -147,6 +148,8 @@ def test_bad_input_is_refused_before_any_model_loads_naming_the_flag(workspace, 
         (["--guidance", "cfg", "--prompt", "x", "--seeds", "0-"], "--seeds"),
         (["--guidance", "cfg", "--prompt", "x", "--batch-size", "0"], "--batch-size must be positive"),
     ]
+    with pytest.raises(FileNotFoundError, match="--model folder not found"):
+        sampling.SampleConfig(model=str(tmp_path / "nowhere"), prompts=["x"], methods=["cfg"]).validate()
     # As a user runs it: the two the issue reported (default mode without adapters, a misspelt method).
     for args, message in cases[:3]:
         result = run_cli("--model", str(empty), "--out", str(tmp_path / "out"), *args)

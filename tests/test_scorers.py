@@ -204,7 +204,9 @@ def _open_clip_reference_score(state: dict, pixels, ids, eos: int, vision_heads:
     in_proj, ln_post on the class token, @ proj), causal text transformer pooled at the end-of-text token
     (@ text_projection), cosine of the normalised embeddings."""
     f = {k: v.double() for k, v in state.items()}
-    ln = lambda x, name: torch.nn.functional.layer_norm(x, x.shape[-1:], f[name + ".weight"], f[name + ".bias"])  # noqa: E731
+    def ln(x, name):
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], f[name + ".weight"], f[name + ".bias"])
+
     lin = lambda x, name: x @ f[name + ".weight"].T + f[name + ".bias"]  # noqa: E731
 
     def blocks(x, prefix, heads, causal):
@@ -301,7 +303,8 @@ def _blip_reference_score(state: dict, med: dict, pixels: torch.Tensor, ids, mas
         q, k, val = (h @ f[p + "attn.qkv.weight"].T + f[p + "attn.qkv.bias"]).chunk(3, -1)
         x = x + attention(q, k, val, width // 64) @ f[p + "attn.proj.weight"].T + f[p + "attn.proj.bias"]
         h = layer_norm(x, (width,), f[p + "norm2.weight"], f[p + "norm2.bias"], 1e-6)
-        x = x + gelu(h @ f[p + "mlp.fc1.weight"].T + f[p + "mlp.fc1.bias"]) @ f[p + "mlp.fc2.weight"].T + f[p + "mlp.fc2.bias"]
+        h = gelu(h @ f[p + "mlp.fc1.weight"].T + f[p + "mlp.fc1.bias"])
+        x = x + h @ f[p + "mlp.fc2.weight"].T + f[p + "mlp.fc2.bias"]
     image = layer_norm(x, (width,), f[v + "norm.weight"], f[v + "norm.bias"], 1e-6)
 
     t, d, eps, heads = "blip.text_encoder.", med["hidden_size"], med["layer_norm_eps"], med["num_attention_heads"]
@@ -359,7 +362,8 @@ def test_imagereward_published_layout_and_score(tmp_path):
             name = name.replace(new, old)
         state["blip.visual_encoder." + name] = value + 0.02 * torch.randn_like(value)  # no LayerNorm at identity
     for name, value in text.state_dict().items():  # med.py's BertModel names, which transformers' port keeps
-        state["blip.text_encoder." + name] = value + 0.02 * torch.randn_like(value) if value.is_floating_point() else value
+        noise = 0.02 * torch.randn_like(value) if value.is_floating_point() else 0
+        state["blip.text_encoder." + name] = value + noise
     state["blip.text_encoder.embeddings.position_ids"] = torch.arange(40)[None]
     for index, (n_in, n_out) in zip((0, 2, 4, 6, 7), ((32, 1024), (1024, 128), (128, 64), (64, 16), (16, 1))):
         state[f"mlp.layers.{index}.weight"] = torch.randn(n_out, n_in) / n_in ** 0.5
