@@ -255,6 +255,20 @@ def _to_open_clip_layout(hf_state: dict) -> dict:
     return out
 
 
+def _hps_reference_pixels(image: Image.Image) -> torch.Tensor:
+    """HPSv2's evaluation transform written out: to [0, 1], longest side to 224 (bicubic, antialiased, on the
+    tensor), black bars centred to 224 x 224 (the odd pixel at the bottom / right), then CLIP mean/std."""
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0).permute(2, 0, 1)
+    h, w = x.shape[1:]
+    new_h, new_w = round(h * SIDE / max(h, w)), round(w * SIDE / max(h, w))
+    x = torch.nn.functional.interpolate(x[None], size=(new_h, new_w), mode="bicubic", antialias=True)[0]
+    canvas = torch.zeros(3, SIDE, SIDE, dtype=torch.float64)
+    top, left = (SIDE - new_h) // 2, (SIDE - new_w) // 2
+    canvas[:, top: top + new_h, left: left + new_w] = x
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (canvas - mean.double()) / std.double()
+
+
 def test_hpsv2_open_clip_checkpoint_and_score(tmp_path, monkeypatch):
     from transformers import CLIPModel, CLIPTokenizer
 
@@ -270,11 +284,13 @@ def test_hpsv2_open_clip_checkpoint_and_score(tmp_path, monkeypatch):
     monkeypatch.setitem(hpsv2.ARCHITECTURES, "tiny", {"vision_head_width": 16, "text_heads": 2, "hidden_act": "gelu"})
     scorer = hpsv2.HPSv2(tmp_path / "HPS_v2.1_compressed.pt", processor_path, architecture="tiny")
     images = _images()
-    _check_preprocessing(scorer, images)
+    pixels = torch.stack([_hps_reference_pixels(image) for image in images])
+    # fp32 antialiased bicubic against float64: well under one 8-bit level (1/255/std = 0.015 here).
+    assert (scorer.pixel_values(images).double() - pixels).abs().max() < 1e-3
     scores = scorer(images, PROMPTS)
     tokenizer = CLIPTokenizer.from_pretrained(processor_path)
     ids = tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids
-    expected = _open_clip_reference_score(state, torch.stack([_reference_pixels(i) for i in images]), ids,
+    expected = _open_clip_reference_score(state, pixels, ids,
                                           tokenizer.eos_token_id, vision_heads=2, text_heads=2)
     np.testing.assert_allclose(scores, expected.numpy(), atol=1e-5)
     assert np.ptp(scores) > 1e-3

@@ -5,18 +5,16 @@ embedding, prompt embedding), as HPSv2's own scoring (the diagonal of image_feat
 The open_clip weights are loaded into transformers' CLIPModel, the same architecture (laion's CLIP-ViT-H-14 is
 published in both layouts): the open_clip package needs torchvision, which has no release for every torch. The
 renames below follow open_clip's module names; q, k and v come out of open_clip's fused in_proj, and the two
-projections are stored transposed. Images go through open_clip's evaluation transform (torchvision's resize of the
-short side to 224, bicubic, centre crop, OpenAI CLIP mean/std); prompts through the CLIP BPE tokenizer of a local
-CLIP-ViT-H-14 folder (the --pickscore-processor folder serves), 77 tokens, pooled at the end-of-text token.
+projections are stored transposed. Images go through HPSv2's evaluation transform (longest side to 224, zero
+padding to a square: hps_preprocess); prompts through the CLIP BPE tokenizer of a local CLIP-ViT-H-14 folder (the
+--pickscore-processor folder serves), 77 tokens, pooled at the end-of-text token.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from cgkernels.scorers.common import (
-    Scorer, clip_preprocess, fingerprint, load_state_dict, require_path,
-)
+from cgkernels.scorers.common import CLIP_MEAN, CLIP_STD, Scorer, fingerprint, load_state_dict, require_path
 
 # open_clip's architecture constants that the state dict does not show: attention head width (vision) and head
 # count (text). ViT-H-14: vision 1280 wide in 80-wide heads (16), text 1024 wide in 16 heads, GELU.
@@ -95,6 +93,25 @@ def clip_config(state: dict, architecture: str, tokenizer):
     )
 
 
+def hps_preprocess(image, side: int = 224) -> torch.Tensor:
+    """HPSv2's evaluation transform (its open_clip fork, resize_longest_max=True): the image as a [0, 1] tensor,
+    the longest side resized to `side` (the other rounded; bicubic on the tensor, antialiased as torchvision >= 0.17
+    does), zero padding centred to side x side, OpenAI CLIP mean/std. Unlike CLIP's resize + centre crop, nothing is
+    cut off; for square images the two agree up to the resampling filter."""
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+    height, width = pixels.shape[1:]
+    scale = side / max(height, width)
+    if scale != 1.0:  # (as HPSv2: an image whose longest side is already `side` is left as it is)
+        size = (round(height * scale), round(width * scale))
+        pixels = torch.nn.functional.interpolate(pixels[None], size=size, mode="bicubic", align_corners=False,
+                                                 antialias=True)[0]
+        pad_h, pad_w = side - size[0], side - size[1]
+        pixels = torch.nn.functional.pad(pixels, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
 class HPSv2(Scorer):
     name = "hpsv2"
 
@@ -120,7 +137,7 @@ class HPSv2(Scorer):
         self.fingerprint = fingerprint(self.name, checkpoint_path, tokenizer_path)
 
     def pixel_values(self, images) -> torch.Tensor:
-        return torch.stack([clip_preprocess(image, self.side) for image in images])
+        return torch.stack([hps_preprocess(image, self.side) for image in images])
 
     @torch.no_grad()
     def __call__(self, images, prompts) -> np.ndarray:
