@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-__all__ = ["HelpFormatter", "distributed_state"]
+__all__ = ["HelpFormatter", "distributed_state", "process_device"]
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -39,3 +39,10 @@ def distributed_state(device: str | None = None):
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available() or str(device).startswith("cpu"))
+
+
+def process_device(device: str | None, state) -> str | None:
+    """The device of this process: under a launcher "cuda" (or nothing) means this process's own GPU."""
+    if state is not None and device in (None, "cuda"):
+        return str(state.device)
+    return device

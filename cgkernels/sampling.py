@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from cgkernels.cli import distributed_state
+from cgkernels.cli import distributed_state, process_device
 from cgkernels.guidance import MODES
 
 __all__ = ["SampleConfig", "WorkItem", "ADAPTERS_NEEDED", "parse_seeds", "parse_strengths", "read_prompts",
@@ -312,7 +312,7 @@ def sample(config: SampleConfig, pipe=None, progress: bool = True) -> dict:
     config.validate()
     state = distributed_state(config.device)
     rank, world = (state.process_index, state.num_processes) if state else (0, 1)
-    device = config.device or (str(state.device) if state else None)  # under a launcher: this process's GPU
+    device = process_device(config.device, state)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     items, settings = plan_work(config), config.settings()
@@ -322,6 +322,7 @@ def sample(config: SampleConfig, pipe=None, progress: bool = True) -> dict:
               f"prompts x {len(config.seeds)} seeds): {done} already in {out} skipped, {len(items) - done} to sample"
               + (f" on {world} processes" if world > 1 else ""), flush=True)
     if state:
+        state.wait_for_everyone()  # the count above sees the folder before any process writes to it
         with state.split_between_processes(items) as shard:
             mine = list(shard)
     else:

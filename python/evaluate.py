@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cgkernels.cli import HelpFormatter, distributed_state  # noqa: E402
+from cgkernels.cli import HelpFormatter, distributed_state, process_device  # noqa: E402
 from cgkernels.evaluate import evaluate, format_rows, plan_pairs, write_report  # noqa: E402
 from cgkernels.scorers import PATH_OPTIONS, SCORERS, ScorerInputError, flag, make_scorer  # noqa: E402
 
@@ -61,7 +61,7 @@ def main(argv=None) -> list:
         parser.error(f"--images/--baseline: {error}")
 
     state = distributed_state(args.device)
-    device = args.device or (str(state.device) if state else None)
+    device = process_device(args.device, state)
     if device is None:
         import torch
 
