@@ -102,6 +102,24 @@ class SampleConfig:
         looks_local = Path(self.model).is_absolute() or self.model.startswith(".") or self.model.count("/") != 1
         if looks_local and not Path(self.model).exists():  # a hub id is "owner/name"
             raise FileNotFoundError(f"--model folder not found: {self.model}")
+        self._check_pipeline_options()
+
+    def _check_pipeline_options(self) -> None:
+        """Options only some pipelines take, checked against the saved pipeline's class before it loads."""
+        wanted = {"guidance_rescale": self.guidance_rescale or None, "max_sequence_length": self.max_sequence_length}
+        index = Path(self.model) / "model_index.json"
+        if not any(v is not None for v in wanted.values()) or not index.is_file():
+            return
+        import diffusers
+
+        pipeline_cls = getattr(diffusers, json.loads(index.read_text()).get("_class_name", ""), None)
+        if pipeline_cls is None:
+            return
+        parameters = inspect.signature(pipeline_cls.__call__).parameters
+        for name, value in wanted.items():
+            if value is not None and name not in parameters:
+                raise ValueError(f"{pipeline_cls.__name__} has no {name} option: leave --{name.replace('_', '-')} "
+                                 "unset")
 
     def _uses(self, role: str) -> bool:
         return any(role in ADAPTERS_NEEDED[m] for m in self.methods)

@@ -169,6 +169,9 @@ def test_bad_input_is_refused_before_any_model_loads_naming_the_flag(workspace, 
 def test_sd3_folder_saved_without_t5_samples(tmp_path):
     tiny_sd3_pipeline(seed=3).save_pretrained(tmp_path / "sd3")
     assert not (tmp_path / "sd3" / "text_encoder_3").exists()
+    with pytest.raises(ValueError, match="StableDiffusion3Pipeline has no guidance_rescale option"):
+        sampling.SampleConfig(model=str(tmp_path / "sd3"), prompts=["x"], methods=["cfg"],
+                              guidance_rescale=0.5).validate()
     result = run_cli("--model", str(tmp_path / "sd3"), "--guidance", "cfg", "--prompt", "a red circle", "--steps", "2",
                      "--max-sequence-length", "8", "--guidance-scale", "4", "--out", str(tmp_path / "out"),
                      "--device", "cpu", "--no-progress")
