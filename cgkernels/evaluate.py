@@ -233,6 +233,10 @@ def score_images(scorer: Scorer, records: list[ImageRecord], *, batch_size: int 
     caches = {folder: ScoreCache(folder, scorer.fingerprint, rank) for folder in by_folder}
     cached = {folder: cache.load() for folder, cache in caches.items()}
     todo = sorted({r.path for r in records if _cache_key(r.path) not in cached[r.path.parent]})
+    if progress and rank == 0:  # the total; each process's bar shows its share
+        unique = len({r.path for r in records})
+        print(f"{desc}: {unique} images, {unique - len(todo)} cached, {len(todo)} to score"
+              + (f" on {world} processes" if world > 1 else ""), flush=True)
     if state and world > 1 and scorer.fingerprint is not None:  # uncached scorers: every process scores all
         # Every process must split the same list: none writes to the caches before all have read them.
         state.wait_for_everyone()
