@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from cgkernels import evaluate
@@ -45,7 +44,7 @@ def test_pairs_by_prompt_and_seed_and_reports_win_rates(tmp_path):
     _write_folder(tmp_path / "base", baseline)
     _write_folder(tmp_path / "method", vivid + washed + unmatched, sidecar=False)
 
-    taste = evaluate.taste_scorer()
+    taste = evaluate.make_scorer("taste")
     scored_images = []
 
     def counting_taste(images, prompts):
@@ -55,6 +54,7 @@ def test_pairs_by_prompt_and_seed_and_reports_win_rates(tmp_path):
     rows = evaluate.evaluate(tmp_path / "method", tmp_path / "base", {"taste": counting_taste})
     assert len(scored_images) == len(baseline) + len(vivid) + len(washed)  # each baseline image scored once
     by_strength = {row["strength"]: row for row in rows}
+    assert all(row["method"] is None for row in rows)  # metadata.jsonl without "guidance"
     assert set(by_strength) == {1.0, 2.0}
     assert by_strength[2.0]["pairs"] == 4 and by_strength[2.0]["prompts"] == 2
     expected_base = reward.taste_rewards([b[0] for b in baseline], [b[1] for b in baseline]).mean()
@@ -62,7 +62,7 @@ def test_pairs_by_prompt_and_seed_and_reports_win_rates(tmp_path):
     assert by_strength[2.0]["mean_score"] == pytest.approx(reward.taste_rewards([v[0] for v in vivid], [v[1] for v in vivid]).mean())
     assert by_strength[2.0]["win_rate"] == 1.0  # vivid beats washed out on every (prompt, seed)
     assert by_strength[1.0]["mean_score"] < by_strength[2.0]["mean_score"]
-    assert "| taste | 2 | 4 |" in evaluate.format_rows(rows)
+    assert "| taste | - | 2 | 4 | 2 |" in evaluate.format_rows(rows)
 
 
 def test_win_rate_counts_ties_as_half():
@@ -80,73 +80,113 @@ def test_bad_folders_are_clear_errors(tmp_path):
     _write_folder(tmp_path / "b", [(_scene_image(rng, True), "p", 1, None)])
     _write_folder(tmp_path / "c", [(_scene_image(rng, True), "q", 1, None)])
     with pytest.raises(ValueError, match="no \\(prompt, seed\\) pair"):
-        evaluate.evaluate(tmp_path / "b", tmp_path / "c", {"taste": evaluate.taste_scorer()})
+        evaluate.evaluate(tmp_path / "b", tmp_path / "c", {"taste": evaluate.make_scorer("taste")})
 
 
-def test_scorers_need_local_weights_and_name_what_is_missing(tmp_path):
-    with pytest.raises(ValueError, match="unknown scorer"):
-        evaluate.make_scorer("clipscore")
-    with pytest.raises(ValueError, match="local path"):
-        evaluate.make_scorer("pickscore")
-    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
-        evaluate.make_scorer("hpsv2", weights=tmp_path / "nowhere.pt")
-    checkpoint = tmp_path / "weights.pt"
-    checkpoint.write_bytes(b"")
-    for name, module, extra in (("hpsv2", "open_clip", None), ("imagereward", "ImageReward", checkpoint)):
-        try:
-            __import__(module)
-        except ImportError:
-            with pytest.raises(ImportError, match=module):
-                evaluate.make_scorer(name, weights=checkpoint, extra=extra)
+def test_paired_statistics_against_a_direct_computation():
+    rng = np.random.default_rng(3)
+    prompts = [f"p{i}" for i in range(7) for _ in range(3)]  # 7 prompts x 3 seeds
+    base = rng.normal(size=21)
+    method = base + rng.normal(0.3, 1.0, size=21)
+    method[4] = base[4]  # a tie
+    stats = evaluate.paired_statistics(method, base, prompts, samples=500, seed=5)
+    wins = (method > base) + 0.5 * (method == base)
+    assert stats["pairs"] == 21 and stats["prompts"] == 7
+    assert stats["win_rate"] == pytest.approx(wins.mean())
+    assert stats["win_rate_se"] == pytest.approx(wins.std(ddof=1) / np.sqrt(21))
+    assert stats["mean_score_se"] == pytest.approx(method.std(ddof=1) / np.sqrt(21))
+    assert stats["mean_difference"] == pytest.approx((method - base).mean())
+    # The bootstrap by hand: resample whole prompts (their 3 seeds together), the same draws.
+    draws = np.random.default_rng(5).integers(0, 7, size=(500, 7))
+    by_prompt = wins.reshape(7, 3)
+    boot = np.array([by_prompt[d].mean() for d in draws])
+    np.testing.assert_allclose(stats["win_rate_ci"], np.percentile(boot, [2.5, 97.5]))
+    low, high = stats["mean_difference_ci"]
+    assert low < stats["mean_difference"] < high
+    assert evaluate.paired_statistics(method, base, prompts, samples=500, seed=5) == stats  # reproducible
 
 
-def _tiny_clip_folder(tmp_path):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from cgkernels.testing import build_clip_tokenizer
-
-    tokenizer = build_clip_tokenizer(world.caption_words(), tmp_path / "tok", model_max_length=16)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path / "clip"
-    CLIPModel(config).save_pretrained(folder)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
+def _sweep_folder(folder, rng, prompts, seeds, variants):
+    """sample.py's layout: <method>_s<strength>_p<index>_seed<seed>.png + sidecar, several variants in one folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for method, strength, vivid in variants:
+        for index, prompt in enumerate(prompts):
+            for seed in seeds:
+                stem = f"{method}_s{strength:g}_p{index:05d}_seed{seed}"
+                Image.fromarray(_scene_image(rng, vivid)).save(folder / f"{stem}.png")
+                (folder / f"{stem}.json").write_text(json.dumps(
+                    {"prompt": prompt, "seed": seed, "guidance": method, "strength": strength, "prompt_index": index}))
+    (folder / "grids").mkdir(exist_ok=True)  # sample.py's sweep grid: not an image of the table
+    Image.new("RGB", (8, 8)).save(folder / "grids" / "contrastive_sweep.png")
 
 
-def test_pickscore_and_aesthetic_scorers_with_local_weights(tmp_path):
-    from safetensors.torch import save_file
-    from transformers import CLIPModel
+def test_one_folder_with_baseline_and_sweep_and_the_score_cache(tmp_path):
+    rng = np.random.default_rng(4)
+    prompts = ["a large red circle in the center", "a small blue square at the top left"]
+    _sweep_folder(tmp_path / "s", rng, prompts, (0, 1),
+                  [("cfg", 0.0, False), ("contrastive", 1.0, False), ("contrastive", 2.0, True)])
+    with pytest.raises(ValueError, match="several variants.*--baseline-method"):
+        evaluate.evaluate(tmp_path / "s", tmp_path / "s", {"taste": evaluate.make_scorer("taste")})
 
-    folder = _tiny_clip_folder(tmp_path)
-    head = {"layers.0.weight": torch.randn(8, 16), "layers.0.bias": torch.randn(8),
-            "layers.2.weight": torch.randn(1, 8), "layers.2.bias": torch.randn(1)}
-    save_file(head, tmp_path / "head.safetensors")
-    rng = np.random.default_rng(2)
-    images = [Image.fromarray(_scene_image(rng, True)) for _ in range(3)]
-    prompts = ["a large red circle in the center"] * 3
+    calls = []
 
-    picks = evaluate.make_scorer("pickscore", weights=folder)(images, prompts)
-    aesthetic = evaluate.make_scorer("aesthetic", weights=folder, extra=tmp_path / "head.safetensors")(images, prompts)
+    class CountingTaste(type(evaluate.make_scorer("taste"))):
+        def __call__(self, images, prompts):
+            calls.append(len(images))
+            return super().__call__(images, prompts)
 
-    # Independent computation in float64.
-    from transformers import CLIPProcessor
+    rows = evaluate.evaluate(tmp_path / "s", tmp_path / "s", {"taste": CountingTaste()}, batch_size=5,
+                             baseline_method="cfg")
+    assert [(r["method"], r["strength"]) for r in rows] == [("contrastive", 1.0), ("contrastive", 2.0)]
+    assert rows[1]["win_rate"] == 1.0 and rows[1]["pairs"] == 4 and rows[0]["baseline"] == "cfg at strength 0"
+    assert sum(calls) == 12 and max(calls) == 5  # every image once, in batches of at most 5
+    assert (tmp_path / "s" / "scores").is_dir()
 
-    model, processor = CLIPModel.from_pretrained(folder).double(), CLIPProcessor.from_pretrained(folder)
-    with torch.no_grad():
-        pixels = processor(images=images, return_tensors="pt")["pixel_values"].double()
-        image_embeds = torch.nn.functional.normalize(evaluate._projected(model.get_image_features(pixel_values=pixels)), dim=-1)
-        ids = processor(text=prompts, padding=True, return_tensors="pt")
-        text_embeds = torch.nn.functional.normalize(evaluate._projected(model.get_text_features(**ids)), dim=-1)
-    expected_picks = model.logit_scale.detach().exp() * (image_embeds * text_embeds).sum(-1)
-    hidden = image_embeds @ head["layers.0.weight"].double().T + head["layers.0.bias"].double()
-    expected_aesthetic = (hidden @ head["layers.2.weight"].double().T + head["layers.2.bias"].double()).squeeze(-1)
-    np.testing.assert_allclose(picks, expected_picks.numpy(), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(aesthetic, expected_aesthetic.numpy(), rtol=1e-4, atol=1e-4)
+    calls.clear()
+    again = evaluate.evaluate(tmp_path / "s", tmp_path / "s", {"taste": CountingTaste()}, baseline_method="cfg")
+    assert calls == [] and again == rows  # all from the cache
+
+    # An image rewritten since it was scored is scored again, and only it.
+    Image.fromarray(_scene_image(rng, False)).save(tmp_path / "s" / "contrastive_s2_p00000_seed0.png")
+    rescored = evaluate.evaluate(tmp_path / "s", tmp_path / "s", {"taste": CountingTaste()}, baseline_method="cfg")
+    assert calls == [1] and rescored[1]["mean_score"] != rows[1]["mean_score"]
+    assert rescored[0] == rows[0]
+
+
+def test_a_crashed_run_keeps_the_batches_it_finished(tmp_path):
+    rng = np.random.default_rng(5)
+    prompts = ["a large red circle in the center"]
+    _sweep_folder(tmp_path / "m", rng, prompts, range(4), [("contrastive", 1.0, True)])
+    _sweep_folder(tmp_path / "b", rng, prompts, range(4), [("cfg", 0.0, False)])
+    taste = evaluate.make_scorer("taste")
+    seen = []
+
+    class Crashing(type(taste)):
+        def __call__(self, images, prompts):
+            if len(seen) == 2:
+                raise RuntimeError("worker killed")
+            seen.append(len(images))
+            return super().__call__(images, prompts)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        evaluate.evaluate(tmp_path / "m", tmp_path / "b", {"taste": Crashing()}, batch_size=3)
+    seen.clear()
+    rows = evaluate.evaluate(tmp_path / "m", tmp_path / "b", {"taste": Crashing()}, batch_size=3)
+    assert seen == [2]  # 8 images: the two finished batches (6) came from the cache
+    assert rows[0]["win_rate"] == 1.0
+
+
+def test_report_files(tmp_path):
+    rng = np.random.default_rng(6)
+    prompts = ["a large red circle in the center", "a small blue square at the top left",
+               "a large green triangle at the bottom right"]
+    _sweep_folder(tmp_path / "s", rng, prompts, (0, 1),
+                  [("cfg", 0.0, False), ("contrastive", 1.0, False), ("contrastive", 2.0, True), ("pgd", 2.0, True)])
+    rows = evaluate.evaluate(tmp_path / "s", tmp_path / "s", {"taste": evaluate.make_scorer("taste")},
+                             baseline_method="cfg")
+    paths = evaluate.write_report(rows, tmp_path / "report")
+    assert json.loads(paths["json"].read_text()) == rows
+    table = paths["markdown"].read_text()
+    assert "| taste | contrastive | 2 | 6 | 3 |" in table and "[" in table and "±" in table
+    plot = Image.open(paths["plot"])
+    assert plot.size[0] >= 400 and np.asarray(plot.convert("L")).std() > 10
