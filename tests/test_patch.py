@@ -13,7 +13,7 @@ import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 import cgkernels
-from cgkernels.guidance import GuidanceConfig, row_plan
+from cgkernels.guidance import compile_merge, preset
 from cgkernels.testing import add_random_lora, fp32_merge_atol, tiny_sd_pipeline
 
 PROMPTS = ["a red circle", "a blue square at the top left"]
@@ -148,11 +148,13 @@ def _atol(pipe, ref, patch_kwargs, call_kwargs) -> float:
     mode's merge coefficients); a scheduler step adds the prediction scaled by at most max(1, init_noise_sigma)
     (Euler / Heun: sigma_max ~ 15, PNDM: 1); the calls' differences may add up."""
     g = call_kwargs.get("guidance_scale", 5.0)
-    config = GuidanceConfig(patch_kwargs["guidance"], strength=patch_kwargs.get("strength", 1.0),
-                            merge_weight=patch_kwargs.get("merge_weight", 0.0))
-    plan = row_plan(config, cfg=g > 1, guidance_scale=g, user_mix="user")
+    guidance = patch_kwargs["guidance"]
+    if isinstance(guidance, str):
+        guidance = preset(guidance, strength=patch_kwargs.get("strength", 1.0),
+                          merge_weight=patch_kwargs.get("merge_weight", 0.0))
+    _, coeffs, _ = compile_merge(guidance, "cfg" if g > 1 else "cond", g)
     sigma = max(1.0, float(pipe.scheduler.init_noise_sigma))
-    return ref.unet_calls * sigma * fp32_merge_atol(plan.coeffs, ref.branch_scale,
+    return ref.unet_calls * sigma * fp32_merge_atol(coeffs, ref.branch_scale,
                                                      rescale=call_kwargs.get("guidance_rescale", 0.0))
 
 @contextlib.contextmanager

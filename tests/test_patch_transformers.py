@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import cgkernels
-from cgkernels.guidance import COND, UNCOND, GuidanceConfig, row_plan, two_call_cfg_plan
+from cgkernels.guidance import compile_merge, preset
 from cgkernels.testing import (
     FLUX_LORA_TARGETS,
     SD3_LORA_TARGETS,
@@ -80,11 +80,9 @@ def _atol(pipe, ref, mode, call, **patch_kwargs) -> float:
     """Each transformer call's merged prediction may differ by fp32_merge_atol (branch magnitudes, the mode's
     coefficients of the whole CFG formula); a flow-matching Euler step adds it times |dt| <= 1; the calls'
     differences may add up."""
-    config = GuidanceConfig(mode, strength=patch_kwargs.get("strength", 1.0),
-                            merge_weight=patch_kwargs.get("merge_weight", 0.0))
     cfg, g = _cfg_scale(pipe, call)
-    plan = row_plan(config, cfg=cfg, guidance_scale=g, user_mix="user")
-    return ref.calls * fp32_merge_atol(plan.coeffs, ref.branch_scale)
+    _, coeffs, _ = compile_merge(_preset(mode, **patch_kwargs), "cfg" if cfg else "cond", g)
+    return ref.calls * fp32_merge_atol(coeffs, ref.branch_scale)
 
 
 @contextlib.contextmanager
@@ -114,10 +112,12 @@ def _check(pipe, mode, call, rows=None, **patch_kwargs):
     return out
 
 
+def _preset(mode, **patch_kwargs):
+    return preset(mode, strength=patch_kwargs.get("strength", 1.0), merge_weight=patch_kwargs.get("merge_weight", 0.0))
+
+
 def _branches(mode, *, cfg, g=1.0, **patch_kwargs) -> int:
-    config = GuidanceConfig(mode, strength=patch_kwargs.get("strength", 1.0),
-                            merge_weight=patch_kwargs.get("merge_weight", 0.0))
-    return len(row_plan(config, cfg=cfg, guidance_scale=g, user_mix="user").branches)
+    return len(compile_merge(_preset(mode, **patch_kwargs), "cfg" if cfg else "cond", g)[0])
 
 
 @pytest.mark.parametrize("mode", ALL_MODES)
@@ -142,9 +142,8 @@ def test_flux_true_cfg_every_mode_in_the_pipelines_two_calls(pipes, mode):
     (C + D / G), its uncond call those at the negative prompt (U); the pipeline's mix gives the mode's formula."""
     pipe, rows = pipes["flux"], []
     _check(pipe, mode, _call(pipe, **TRUE_CFG), rows, **PATCH)
-    config = GuidanceConfig(mode, **PATCH)
-    per_call = [len(two_call_cfg_plan(config, prompt=p, guidance_scale=3.0, user_mix="user").branches)
-                for p in (COND, UNCOND)]
+    per_call = [len(compile_merge(_preset(mode, **PATCH), layout, 3.0)[0])
+                for layout in ("two_call_cond", "two_call_uncond")]
     assert rows == per_call * STEPS
 
 
@@ -223,10 +222,11 @@ def test_refused_modes_and_pipelines(pipes):
     finally:
         cgkernels.unpatch(sd3)
 
-    class CustomFlux(FluxPipeline):  # a subclass may call its transformer differently
-        pass
+    class CustomFlux(FluxPipeline):  # a subclass with its own loop may call its transformer differently
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs)
 
-    with pytest.raises(ValueError, match="supports .*FluxPipeline.*got CustomFlux"):
+    with pytest.raises(ValueError, match="subclasses of FluxPipeline that keep its __call__.*CustomFlux"):
         cgkernels.patch(CustomFlux(**flux.components))
     cgkernels.patch(flux, guidance="pgd")
     try:  # a pipeline of an unsupported class calling the patched transformer
