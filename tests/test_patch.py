@@ -8,6 +8,7 @@ Adapters have lora_alpha != rank, so peft's scaling is part of every comparison.
 import contextlib
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
@@ -377,6 +378,12 @@ def test_bad_inputs(pipe):
         cgkernels.patch(pipe, guidance="magic")
     with pytest.raises(ValueError, match="supports"):
         cgkernels.patch(object())
+    with pytest.raises(ValueError, match="finite"):
+        cgkernels.patch(pipe, strength=torch.tensor(float("nan")))
+    with pytest.raises(ValueError, match="real"):
+        cgkernels.patch(pipe, strength=1j)
+    with pytest.raises(ValueError, match=r"'nope' is not loaded.*positive=None runs the base model on the cond"):
+        cgkernels.patch(pipe, guidance="npo", positive="nope")  # e.g. an NPO adapter loaded alone
     cgkernels.patch(pipe)
     with pytest.raises(ValueError, match="already patched"):
         cgkernels.patch(pipe)
@@ -441,3 +448,24 @@ def test_direct_denoiser_calls_are_guided_or_refused():
             pipe.unet(sample, 10, encoder_hidden_states=text)
     finally:
         cgkernels.unpatch(pipe)
+
+
+def test_npo_without_cfg_is_refused_not_silently_base(pipe):
+    """npo acts through the unconditional branch: at guidance_scale=1 it would give the base model bit for bit."""
+    cgkernels.patch(pipe, guidance="npo", strength=np.float32(2.0))
+    try:
+        with pytest.raises(ValueError, match="guidance='npo' acts through the unconditional branch"):
+            _run(pipe, guidance_scale=1.0, num_inference_steps=1)
+    finally:
+        cgkernels.unpatch(pipe)
+
+
+def test_numpy_and_torch_scalar_strengths_equal_python_floats(pipe):
+    outputs = []
+    for strength in (2.0, np.float32(2.0), torch.tensor(2.0)):
+        cgkernels.patch(pipe, guidance="contrastive", strength=strength, start=np.float64(0.0))
+        try:
+            outputs.append(_run(pipe, num_inference_steps=1))
+        finally:
+            cgkernels.unpatch(pipe)
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
