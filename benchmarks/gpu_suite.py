@@ -70,6 +70,7 @@ STAGES = (
     Stage("unet-compiled", 120, 60, needs_build=True),
     Stage("extras", 90, 60, needs_build=True),
     Stage("cuda-tests", 150, 60, needs_build=True),
+    Stage("adapter-mix", 60, 60, needs_build=True),
 )
 BUILD_TIMEOUT_S = 240
 GPU_BUDGET_S = 530  # 9 minutes minus a margin for the shell script's wheel install

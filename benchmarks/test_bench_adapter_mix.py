@@ -31,9 +31,10 @@ VARIANTS = ("cgkernels", "peft-mixed", "per-adapter", "sequential", "base-only")
 
 
 @functools.lru_cache(maxsize=1)
-def setup(device: str | None = None, full_size: bool = CUDA):
-    """(pipe, sample [2P], text [2P], t): a pipeline object around the benchmark UNet with adapters "lora0".."lora7",
-    fed the CFG batch [uncond x P, cond x P]."""
+def setup(device: str | None = None, tiny: bool = False):
+    """(pipe, sample [2P], text [2P], t): a pipeline object around the benchmark UNet (test_bench_unet's: full SD1.5
+    on CUDA, reduced on CPU; tiny=True: the test suite's tiny UNet, for the GPU suite's rehearsal) with adapters
+    "lora0".."lora7", fed the CFG batch [uncond x P, cond x P]."""
     from diffusers import UNet2DConditionModel
 
     from test_bench_unet import _unet_config
@@ -41,7 +42,7 @@ def setup(device: str | None = None, full_size: bool = CUDA):
     device = torch.device(device or ("cuda" if CUDA else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe = tiny_sd_pipeline("sd15")  # tiny text encoder / VAE: the step is fed embeddings directly
-    if full_size or device.type == "cpu":
+    if not tiny:
         torch.manual_seed(0)
         with torch.device(device):
             unet = UNet2DConditionModel(**_unet_config("sd15"))
