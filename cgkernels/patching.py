@@ -192,6 +192,11 @@ def patch(
     if is_patched(pipe):
         raise ValueError("this pipeline is already patched; call cgkernels.unpatch(pipe) first")
     if isinstance(guidance, Guidance):
+        ignored = [name for name, value, default in (("strength", strength, 1.0), ("merge_weight", merge_weight, 0.0))
+                   if not (isinstance(value, (int, float)) and value == default)]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} set the mode strings' presets; with a cgkernels.Guidance write "
+                             "the weights into its terms instead")
         config = GuidanceConfig("cfg", None, None, 1.0, start, stop).validate()
         plan_guidance = guidance
     elif isinstance(guidance, str):

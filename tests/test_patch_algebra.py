@@ -381,3 +381,14 @@ def test_distinct_mix_limit_is_a_clear_error(pipes, monkeypatch):
                          cross_attention_kwargs={"adapters_per_prompt": mixes[:4]}))
     finally:
         cgkernels.unpatch(pipe)
+
+
+def test_preset_arguments_with_a_guidance_are_refused(pipes):
+    pipe = _pipe(pipes, "sd15")
+    with pytest.raises(ValueError, match="strength set the mode strings' presets"):
+        cgkernels.patch(pipe, guidance=Guidance(branch("uncond"), branch("cond", pos=1.0)), strength=2.0)
+    with pytest.raises(ValueError, match="adapter 'nope' is not loaded"):
+        cgkernels.patch(pipe, guidance=Guidance(branch("uncond"), branch("cond", nope=1.0)))
+    with pytest.raises(TypeError, match="mode string or a cgkernels.Guidance"):
+        cgkernels.patch(pipe, guidance=branch("cond"))
+    assert not cgkernels.patching.is_patched(pipe)
