@@ -15,7 +15,12 @@ Where the values come from:
   num_timesteps, scheduler.order).
 - Flux true CFG (true_cfg_scale > 1 with a negative prompt): a local of the pipeline's `__call__` (`do_true_cfg`,
   `true_cfg_scale`), stored nowhere else. Its two calls per step come in the loop's order, cond then uncond, so the
-  k-th transformer call of a pipeline call is step k // 2's cond (k even) or uncond (k odd) call.
+  k-th transformer call of a pipeline call is step k // 2's cond (k even) or uncond (k odd) call. By default both
+  prompts' branches run in the FIRST call ("joint_cond": its inputs are the prompt's, the negative prompt's embeddings
+  are the locals negative_prompt_embeds / negative_pooled_prompt_embeds / negative_text_ids), and the second call
+  ("joint_uncond") returns its half of that result without running the transformer. Where that is not possible (the
+  negative locals missing, text ids of another shape, IP-Adapter embeds) the two calls run their own branches
+  ("two_call_cond", "two_call_uncond").
 - Steps: denoiser calls since the scheduler's timesteps object changed (every pipeline call sets new timesteps),
   divided by the scheduler's order (Heun / KDPM2 make two calls per step).
 """
@@ -26,14 +31,16 @@ from dataclasses import dataclass
 
 __all__ = ["CallRecord", "StepCounter", "calling_pipeline", "read_call"]
 
-LAYOUTS = ("cfg", "cond", "two_call_uncond", "two_call_cond")
+LAYOUTS = ("cfg", "cond", "two_call_uncond", "two_call_cond", "joint_cond", "joint_uncond")
+JOINT_TRUE_CFG = True  # Flux true CFG in one batched call per step where possible (tests switch it off)
 _MAX_STACK = 1000  # frames searched for the calling pipeline (a guard against pathological stacks only)
 
 
 @dataclass(frozen=True)
 class CallRecord:
     """layout: "cfg" (one call over [uncond x B, cond x B], merged here), "cond" (cond rows only, eps = cond + after),
-    or one of Flux true CFG's two calls, "two_call_cond" / "two_call_uncond".
+    or one of Flux true CFG's two calls: "joint_cond" (runs both prompts' branches) / "joint_uncond" (returns its
+    half of that), or "two_call_cond" / "two_call_uncond" (each runs its own prompt's branches).
     step, num_steps: the scheduler step of this call and the pipeline's step count; step None for a direct call
     (not from a pipeline call: guided whenever the window is [0, 1)). images_per_prompt: the pipeline call's
     num_images_per_prompt (None when unknown: a direct call)."""
@@ -60,12 +67,14 @@ class StepCounter:
     def __init__(self):
         self.timesteps = None
         self.calls = 0
+        self.joint = None  # Flux true CFG: whether this pipeline call runs both prompts in one call (decided once)
 
     def next_call(self, pipe) -> int:
         timesteps = getattr(pipe.scheduler, "timesteps", None)
         if timesteps is not self.timesteps:  # a new pipeline call set new timesteps
             self.timesteps = timesteps  # keeping the reference also keeps its id from being reused
             self.calls = 0
+            self.joint = None
         call = self.calls
         self.calls += 1
         return call
@@ -95,7 +104,7 @@ def read_call(pipe, caller_locals, family: str, counter: StepCounter, inputs: di
     if family == "sd3":
         _refuse_skip_layer_guidance(caller_locals, inputs)
     if family == "flux":
-        return _flux_record(pipe, caller_locals, counter, direct=direct)
+        return _flux_record(pipe, caller_locals, counter, inputs, direct=direct)
     if direct:
         _require_settings(pipe)
     if not pipe.do_classifier_free_guidance:
@@ -110,7 +119,7 @@ def read_call(pipe, caller_locals, family: str, counter: StepCounter, inputs: di
                       _images_per_prompt(caller_locals))
 
 
-def _flux_record(pipe, caller_locals, counter: StepCounter, *, direct: bool) -> CallRecord:
+def _flux_record(pipe, caller_locals, counter: StepCounter, inputs: dict, *, direct: bool) -> CallRecord:
     """Flux is guidance-distilled: one call per step over the cond rows (its guidance value is an input); with true
     CFG a second call per step over the negative prompt's rows, which the pipeline mixes as neg + G (cond - neg)."""
     if direct:
@@ -122,9 +131,32 @@ def _flux_record(pipe, caller_locals, counter: StepCounter, *, direct: bool) -> 
     num_steps, per_prompt = _num_steps(pipe, 1), _images_per_prompt(caller_locals)
     if not caller_locals["do_true_cfg"]:
         return CallRecord("cond", step=call, num_steps=num_steps, images_per_prompt=per_prompt)
-    layout = "two_call_cond" if call % 2 == 0 else "two_call_uncond"
+    if counter.joint is None:
+        counter.joint = JOINT_TRUE_CFG and _can_join(caller_locals, inputs)
+    layout = ("joint_" if counter.joint else "two_call_") + ("cond" if call % 2 == 0 else "uncond")
     return CallRecord(layout, float(caller_locals["true_cfg_scale"]), step=call // 2, num_steps=num_steps,
                       images_per_prompt=per_prompt)
+
+
+_FLUX_NEGATIVE_LOCALS = {"encoder_hidden_states": "negative_prompt_embeds",
+                         "pooled_projections": "negative_pooled_prompt_embeds", "txt_ids": "negative_text_ids"}
+
+
+def flux_negative_inputs(caller_locals) -> dict:
+    """The negative prompt's transformer inputs of a Flux true-CFG call (what its uncond call passes)."""
+    return {arg: caller_locals[name] for arg, name in _FLUX_NEGATIVE_LOCALS.items()}
+
+
+def _can_join(caller_locals, inputs: dict) -> bool:
+    """Both prompts fit one batch: the negative locals exist with the prompt's shapes, the text position ids (shared
+    by every row of a call; zeros in diffusers 0.42) have the same shape, and no IP-Adapter embeds differ per call."""
+    import torch
+
+    negative = {arg: caller_locals.get(name) for arg, name in _FLUX_NEGATIVE_LOCALS.items()}
+    attention = inputs.get("joint_attention_kwargs") or {}
+    return "ip_adapter_image_embeds" not in attention and all(
+        isinstance(value, torch.Tensor) and isinstance(inputs.get(arg), torch.Tensor)
+        and value.shape == inputs[arg].shape for arg, value in negative.items())
 
 
 def _refuse_skip_layer_guidance(caller_locals, inputs: dict) -> None:

@@ -61,7 +61,7 @@ from typing import Callable
 
 import torch
 
-from cgkernels.call_record import CallRecord, StepCounter, calling_pipeline, read_call
+from cgkernels.call_record import CallRecord, StepCounter, calling_pipeline, flux_negative_inputs, read_call
 from cgkernels.guidance import (
     ACTIVE_ADAPTERS as ACTIVE,
     NEEDS_UNCOND,
@@ -155,6 +155,7 @@ class _PatchState:
     text_encoder_adapters: dict  # adapter -> the text encoders holding LoRA layers of that name
     patched_forward: object = None
     counter: StepCounter = field(default_factory=StepCounter)
+    pending: torch.Tensor | None = None  # Flux joint true CFG: the uncond call's half of the step's one call
     step_plans: dict = field(default_factory=dict)
 
 
@@ -322,7 +323,10 @@ def _host_forward(pipe, state: _PatchState):
 
     @torch.compiler.disable(recursive=False)
     def patched_forward(*args, **kwargs):
-        inputs, step_plan, return_dict = _prepare_call(pipe, state, args, kwargs)
+        inputs, step_plan, return_dict, layout = _prepare_call(pipe, state, args, kwargs)
+        if layout == "joint_uncond":  # Flux true CFG's second call: its half of the step's one batched call
+            eps, state.pending = state.pending, None
+            return _finish_call(state.denoiser, _pending_half(eps), return_dict)
         previous = router.current
         router.current = step_plan.routing
         # A step plan is host metadata: its merge coefficients, LoRA scale, batch and row offsets must reach a
@@ -337,6 +341,8 @@ def _host_forward(pipe, state: _PatchState):
         finally:
             dynamo_config.automatic_dynamic_shapes, dynamo_config.assume_static_by_default = dynamic
             router.current = previous
+        if layout == "joint_cond":  # [uncond half, cond half]: eps twice on guided steps, the base rows otherwise
+            state.pending, eps = eps.chunk(2)
         return _finish_call(state.denoiser, eps, return_dict)
 
     patched_forward._cgkernels_patched = True
@@ -360,6 +366,11 @@ def _core_forward(original_forward, static_args: tuple[str, ...]):
     return core
 
 
+def _pending_half(eps: torch.Tensor) -> torch.Tensor:
+    """Traced (a one-view graph): a compiled denoiser's call must compile something under fullgraph=True."""
+    return eps.view(eps.shape)
+
+
 @torch.compiler.disable
 def _finish_call(denoiser: Denoiser, eps: torch.Tensor, return_dict: bool):
     return denoiser.make_output(eps) if return_dict else (eps,)
@@ -369,10 +380,10 @@ _STEP_PLAN_CACHE_SIZE = 256
 
 
 @torch.compiler.disable
-def _prepare_call(pipe, state: _PatchState, args, kwargs) -> tuple[dict, StepPlan, bool]:
+def _prepare_call(pipe, state: _PatchState, args, kwargs) -> tuple[dict, StepPlan | None, bool, str]:
     """Host bookkeeping of one denoiser call: refuse adapters changed since patch time, read the call into a
     CallRecord (the calling pipeline's settings and step), take the per-prompt mixes and LoRA scale out of the
-    attention kwargs, choose the step plan."""
+    attention kwargs, choose the step plan. Returns (inputs, plan, return_dict, the call's layout)."""
     check_offload(state.module, state.denoiser.attr)
     caller, caller_locals = calling_pipeline()
     state.guard.check(caller)
@@ -384,6 +395,13 @@ def _prepare_call(pipe, state: _PatchState, args, kwargs) -> tuple[dict, StepPla
         _check_direct_call(state)
     record = read_call(guidance_pipeline(pipe, caller), caller_locals, denoiser.family, state.counter, inputs,
                        direct=caller is None)
+    layout = record.layout
+    if layout == "joint_uncond":
+        _check_pending(state, inputs[denoiser.sample_arg])
+        return inputs, None, return_dict, layout
+    if layout == "joint_cond":  # Flux true CFG: both prompts' rows in this call, as a CFG batch [uncond, cond]
+        inputs = _joint_inputs(inputs, flux_negative_inputs(caller_locals), denoiser)
+        record = dataclasses.replace(record, layout="cfg")
     rows = inputs[denoiser.sample_arg].shape[0]
     if rows % record.halves:
         raise ValueError(f"{denoiser.attr} batch of {rows} rows cannot be the pipeline's CFG batch [uncond, cond]")
@@ -398,7 +416,28 @@ def _prepare_call(pipe, state: _PatchState, args, kwargs) -> tuple[dict, StepPla
         if len(state.step_plans) >= _STEP_PLAN_CACHE_SIZE:
             state.step_plans.clear()
         state.step_plans[key] = step_plan
-    return inputs, step_plan, return_dict
+    return inputs, step_plan, return_dict, layout
+
+
+def _joint_inputs(inputs: dict, negative: dict, denoiser: Denoiser) -> dict:
+    """The cond call's inputs as the CFG batch [uncond x B, cond x B]: the negative prompt's embeddings on the
+    uncond rows, every other batch-dim input (latents, timestep, guidance) twice; position ids stay shared."""
+    rows = inputs[denoiser.sample_arg].shape[0]
+    joint = {}
+    for name, value in inputs.items():
+        if name in denoiser.static_args or not isinstance(value, torch.Tensor) or value.dim() == 0 or (
+                value.shape[0] != rows):
+            joint[name] = value
+        else:
+            joint[name] = torch.cat([negative.get(name, value), value])
+    return joint
+
+
+def _check_pending(state: _PatchState, sample: torch.Tensor) -> None:
+    pending = state.pending
+    if pending is None or pending.shape != sample.shape:
+        raise ValueError("a Flux true-CFG uncond transformer call came without the step's cond call before it (or "
+                         "with other inputs); cgkernels runs both in the cond call and expects the FluxPipeline loop")
 
 
 def _step_plan(state: _PatchState, record: CallRecord, guided: bool, batch: int, lora_scale: float,

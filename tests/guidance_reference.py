@@ -8,8 +8,9 @@ straight from the Guidance's terms:
 
     with CFG     eps = (1 - g) * uncond + g * cond + after   (rescale: rescale_noise_cfg(eps, cond + after, phi))
     without      eps = cond + after
-    Flux true CFG: the cond call returns cond + after_c / G, the uncond call uncond + after_u / (1 - G), and the
-                 pipeline mixes them as U' + G (C' - U').
+    Flux true CFG: the pipeline makes a cond call then an uncond call per step and mixes them as U' + G (C' - U');
+                 the reference keeps the cond call's inputs and returns 0 from it, then evaluates every branch at
+                 its own prompt's inputs in the uncond call and returns eps / (1 - G).
 
 It never calls cgkernels' compile_merge, routing or merge. Steps are counted with callback_on_step_end; outside the
 [start, stop) window each prompt's rows run the base model plus that prompt's mix, and the pipeline does its own CFG.
@@ -20,6 +21,8 @@ import inspect
 
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+from cgkernels import Guidance, branch
 
 # Inputs shared by every row even when dim 0 happens to equal the batch (Flux position ids).
 STATIC_INPUTS = ("txt_ids", "img_ids")
@@ -100,7 +103,10 @@ class GuidanceReference:
         guided = int(self.start * n_steps) <= self.step // getattr(pipe.scheduler, "order", 1) < int(
             self.stop * n_steps)
         if self.true_cfg is not None:
-            layout = "cond_call" if self.calls_in_step % 2 == 1 else "uncond_call"
+            if self.calls_in_step % 2 == 1:  # the cond call: answered after the uncond call brings its inputs
+                self.cond_inputs = inputs
+                return (torch.zeros_like(sample),)
+            layout = "uncond_call"
         elif not is_flux(pipe) and pipe.do_classifier_free_guidance:
             layout = "cfg"
         else:
@@ -115,24 +121,26 @@ class GuidanceReference:
                 block = half if halves == 2 else 0
                 return slice(block * batch + p * per_prompt, block * batch + (p + 1) * per_prompt)
 
-            def ev_term(term, only_prompt=None):
+            def ev_term(term):
                 total_value = 0.0
                 for branch, coeff in term.items():
-                    if only_prompt is not None and branch.prompt != only_prompt:
-                        continue
                     weights = dict(mix)
                     for adapter, w in branch.adapters:
                         weights[adapter] = weights.get(adapter, 0.0) + w
                     half = 0 if branch.prompt == "uncond" else 1
-                    total_value = total_value + coeff * self._evaluate(inputs, rows_at(half), total, weights,
+                    # Flux true CFG: the uncond call's inputs hold the negative prompt, the cond call's the prompt
+                    source = self.cond_inputs if layout == "uncond_call" and half == 1 else inputs
+                    total_value = total_value + coeff * self._evaluate(source, rows_at(half), total, weights,
                                                                        lora_scale)
                 return total_value
 
-            if not guided:
+            guidance = self.guidance if guided else None
+            if guidance is None and layout == "uncond_call":  # unguided: plain true CFG with the prompt's mix
+                guidance = Guidance(branch("uncond"), branch("cond"))
+            elif guidance is None:
                 for half in range(halves):
                     out[rows_at(half)] = self._evaluate(inputs, rows_at(half), total, dict(mix), lora_scale)
                 continue
-            guidance = self.guidance
             if layout == "cfg":
                 g = pipe.guidance_scale
                 cond = ev_term(guidance.cond) + ev_term(guidance.after)
@@ -143,10 +151,10 @@ class GuidanceReference:
                 out[rows_at(0)], out[rows_at(1)] = eps, eps
             elif layout == "cond":
                 out[rows_at(1)] = ev_term(guidance.cond) + ev_term(guidance.after)
-            elif layout == "cond_call":
-                out[rows_at(1)] = ev_term(guidance.cond) + ev_term(guidance.after, "cond") / self.true_cfg
-            else:
-                out[rows_at(1)] = ev_term(guidance.uncond) + ev_term(guidance.after, "uncond") / (1 - self.true_cfg)
+            else:  # Flux true CFG's uncond call: eps / (1 - G), after the cond call returned 0
+                g = self.true_cfg
+                eps = (1 - g) * ev_term(guidance.uncond) + g * ev_term(guidance.cond) + ev_term(guidance.after)
+                out[rows_at(1)] = eps / (1 - g)
         return (out.to(sample.dtype),)
 
 

@@ -140,10 +140,7 @@ def _terms(draw, prompts):
 def _guidance_and_call(draw, family):
     """A random Guidance that the family's call can run, and whether Flux runs true CFG."""
     true_cfg = family == "flux" and draw(st.booleans())
-    if true_cfg:  # each call runs only its own prompt's branches
-        uncond, cond = draw(_terms(("uncond",))), draw(_terms(("cond",)))
-        after = draw(st.one_of(st.none(), _terms(("uncond", "cond"))))
-    elif family == "flux":  # no unconditional prediction at all
+    if family == "flux" and not true_cfg:  # no unconditional prediction at all
         uncond, cond = draw(_terms(("cond",))), draw(_terms(("cond",)))
         after = draw(st.one_of(st.none(), _terms(("cond",))))
     else:
@@ -158,7 +155,8 @@ def _guidance_and_call(draw, family):
 @given(data=st.data())
 def test_random_guidance_matches_per_branch_reference(pipes, family, data):
     """Random linear combinations of branches at either prompt with any adapter mix: one denoiser call per step
-    (two under Flux true CFG), equal to one call per branch merged in float64."""
+    (Flux true CFG included: both prompts run in the step's first call), equal to one call per branch merged in
+    float64."""
     pipe = _pipe(pipes, family)
     uncond, cond, after, true_cfg = data.draw(_guidance_and_call(family))
     if cond.items() == ():  # everything cancelled: Guidance refuses an empty cond (test_guidance_algebra)
@@ -173,8 +171,7 @@ def test_random_guidance_matches_per_branch_reference(pipes, family, data):
     except ValueError as error:  # a combination whose merge coefficients all cancel is refused, never run
         assert "every merge coefficient is zero" in str(error)
         return
-    calls_per_step = 2 if true_cfg else 1
-    assert len(rows) == calls_per_step * pipe.num_timesteps
+    assert len(rows) == pipe.num_timesteps
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -193,19 +190,13 @@ def test_readme_examples_match_reference(pipes, family):
     call = _call(pipe, ["a red circle"], **({"guidance_scale": 3.5} if is_flux(pipe) else {}))
     base = _run(pipe, call)
     for name, guidance in examples.items():
-        if is_flux(pipe) and name != "cpgd-on-style":
+        if is_flux(pipe) and name != "cpgd-on-style":  # Flux: under true CFG, both prompts in one call per step
             flux_call = dict(call, negative_prompt=["blue square"], true_cfg_scale=3.0)
             if name == "negative-only":
                 guidance = Guidance(uncond=branch("uncond", neg=1.0), cond=branch("cond"))
-            else:  # autoguidance under true CFG: the uncond call runs the prompt's rows of its own
-                with pytest.raises(ValueError, match="true CFG runs the uncond prompt in a call of its own"):
-                    _check(pipe, guidance, flux_call)
-                # without CFG eps = cond + after: the uncond term is not used (one row, the base model)
-                out, rows, atol = _check(pipe, guidance, call)
-                assert rows == [1] * pipe.num_timesteps
-                continue
             out, rows, atol = _check(pipe, guidance, flux_call)
-            assert rows == [1, 1] * pipe.num_timesteps
+            assert rows == [2] * pipe.num_timesteps
+            assert (out - _run(pipe, flux_call)).abs().max() > 10 * atol, name
             continue
         out, rows, atol = _check(pipe, guidance, call)
         assert len(rows) == pipe.num_timesteps  # one denoiser call per step
@@ -308,7 +299,7 @@ def test_per_prompt_mixes_under_guidance_match_reference(pipes, family):
                             after=1.5 * (branch("cond", pos=1.0) - branch("cond", neg=1.0)))
         call = _call(pipe, prompts, cross_attention_kwargs={"scale": 0.5}, num_inference_steps=4)
     out, rows, atol = _check(pipe, guidance, call, prompt_mixes=mixes, start=0.25, stop=0.75)
-    assert len(rows) == (2 if is_flux(pipe) else 1) * pipe.num_timesteps
+    assert len(rows) == pipe.num_timesteps  # Flux true CFG too: both prompts in the step's first call
 
 
 def test_per_prompt_key_is_removed_before_attention_processors(pipes):

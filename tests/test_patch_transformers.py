@@ -136,15 +136,24 @@ def test_flux_mode_on_the_conditional_row(pipes, mode):
     assert rows == [{"contrastive": 3, "pgd": 2, "merged": 1, "cfg": 1}[mode]] * STEPS
 
 
+@pytest.mark.parametrize("joint", [True, False])
 @pytest.mark.parametrize("mode", ALL_MODES)
-def test_flux_true_cfg_every_mode_in_the_pipelines_two_calls(pipes, mode):
-    """true_cfg_scale > 1 with a negative prompt: the pipeline's cond call runs the mode's branches at the prompt
-    (C + D / G), its uncond call those at the negative prompt (U); the pipeline's mix gives the mode's formula."""
+def test_flux_true_cfg_every_mode(pipes, mode, joint, monkeypatch):
+    """true_cfg_scale > 1 with a negative prompt. Joint (the default): the pipeline's cond call runs every branch of
+    both prompts in one batched transformer call and its uncond call returns its half without running the
+    transformer: one call per step. Two calls (the fallback): the cond call runs the mode's branches at the prompt
+    (C + D / G), the uncond call those at the negative prompt (U). The pipeline's mix gives the mode's formula."""
+    import cgkernels.call_record
+
+    monkeypatch.setattr(cgkernels.call_record, "JOINT_TRUE_CFG", joint)
     pipe, rows = pipes["flux"], []
     _check(pipe, mode, _call(pipe, **TRUE_CFG), rows, **PATCH)
-    per_call = [len(compile_merge(_preset(mode, **PATCH), layout, 3.0)[0])
-                for layout in ("two_call_cond", "two_call_uncond")]
-    assert rows == per_call * STEPS
+    if joint:
+        assert rows == [len(compile_merge(_preset(mode, **PATCH), "cfg", 3.0)[0])] * STEPS
+    else:
+        per_call = [len(compile_merge(_preset(mode, **PATCH), layout, 3.0)[0])
+                    for layout in ("two_call_cond", "two_call_uncond")]
+        assert rows == per_call * STEPS
 
 
 def test_sd3_without_cfg_drops_uncond_rows_and_lora_scale_applies(pipes):
@@ -255,12 +264,17 @@ def test_refused_modes_and_pipelines(pipes):
         sd3.transformer.set_adapters(["pos", "neg"])
 
 
-def test_compiled_flux_transformer_has_no_graph_breaks(pipes):
+@pytest.mark.parametrize("joint", [True, False])
+def test_compiled_flux_transformer_has_no_graph_breaks(pipes, joint, monkeypatch):
     """torch.compile(pipe.transformer, fullgraph=True) after patching: the host part (which call of true CFG this
-    is, step counting) stays eager, the core traces whole, one graph per step plan (the cond and uncond calls)."""
+    is, step counting) stays eager, the core traces whole, one graph per step plan (joint: the one call per step,
+    plus a one-view graph returning the uncond call's half; two calls: the cond and the uncond call)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
+    import cgkernels.call_record
+
+    monkeypatch.setattr(cgkernels.call_record, "JOINT_TRUE_CFG", joint)
     pipe = pipes["flux"]
     module = pipe.transformer
     call = _call(pipe, num_inference_steps=2, **TRUE_CFG)
@@ -272,6 +286,7 @@ def test_compiled_flux_transformer_has_no_graph_breaks(pipes):
         pipe.transformer = torch.compile(module, fullgraph=True, backend="eager")
         compiled = _run(pipe, call)
         assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+        # joint: the one call per step, and the uncond call's one-view graph that hands out its half
         assert counters["stats"]["unique_graphs"] == 2
         scale = eager.abs().max().item()
         torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5 * scale)  # the same kernels, reassociated
