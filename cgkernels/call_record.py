@@ -17,7 +17,7 @@ Where the values come from:
   `true_cfg_scale`), stored nowhere else. Its two calls per step come in the loop's order, cond then uncond, so the
   k-th transformer call of a pipeline call is step k // 2's cond (k even) or uncond (k odd) call. By default both
   prompts' branches run in the FIRST call ("joint_cond": its inputs are the prompt's, the negative prompt's embeddings
-  are the locals negative_prompt_embeds / negative_pooled_prompt_embeds / negative_text_ids), and the second call
+  are the locals negative_prompt_embeds / negative_pooled_prompt_embeds), and the second call
   ("joint_uncond") returns its half of that result without running the transformer. Where that is not possible (the
   negative locals missing, text ids of another shape, IP-Adapter embeds) the two calls run their own branches
   ("two_call_cond", "two_call_uncond").
@@ -139,20 +139,24 @@ def _flux_record(pipe, caller_locals, counter: StepCounter, inputs: dict, *, dir
 
 
 _FLUX_NEGATIVE_LOCALS = {"encoder_hidden_states": "negative_prompt_embeds",
-                         "pooled_projections": "negative_pooled_prompt_embeds", "txt_ids": "negative_text_ids"}
+                         "pooled_projections": "negative_pooled_prompt_embeds"}
 
 
 def flux_negative_inputs(caller_locals) -> dict:
-    """The negative prompt's transformer inputs of a Flux true-CFG call (what its uncond call passes)."""
+    """The negative prompt's batch-dim transformer inputs of a Flux true-CFG call (what its uncond call passes)."""
     return {arg: caller_locals[name] for arg, name in _FLUX_NEGATIVE_LOCALS.items()}
 
 
 def _can_join(caller_locals, inputs: dict) -> bool:
-    """Both prompts fit one batch: the negative locals exist with the prompt's shapes, the text position ids (shared
-    by every row of a call; zeros in diffusers 0.42) have the same shape, and no IP-Adapter embeds differ per call."""
+    """Both prompts fit one batch: the negative locals exist with the prompt's shapes; the text position ids, shared
+    by every row of a call (zeros in diffusers 0.42; FluxImg2ImgPipeline passes the prompt's to both calls), have
+    the same shape; and no IP-Adapter embeds differ per call."""
     import torch
 
     negative = {arg: caller_locals.get(name) for arg, name in _FLUX_NEGATIVE_LOCALS.items()}
+    negative_ids = caller_locals.get("negative_text_ids")
+    if negative_ids is not None:
+        negative["txt_ids"] = negative_ids
     attention = inputs.get("joint_attention_kwargs") or {}
     return "ip_adapter_image_embeds" not in attention and all(
         isinstance(value, torch.Tensor) and isinstance(inputs.get(arg), torch.Tensor)
