@@ -11,6 +11,8 @@ LoRAs (prompt i gets adapter i mod k), every variant returning the same CFG pred
 
 Rank-8 adapters on to_q/to_k/to_v/to_out.0. Full SD1.5 UNet (512^2) in fp16 on CUDA; the reduced UNet of
 test_bench_unet in fp32 on CPU. The GPU suite's "adapter-mix" stage times the same variants (gpu_suite_stages).
+`python benchmarks/test_bench_adapter_mix.py OUT.json` measures process CPU seconds instead (interleaved medians; the
+wall-clock medians of a shared 2-core machine move by tens of percent between runs).
 """
 from __future__ import annotations
 
@@ -146,3 +148,52 @@ def test_variants_agree():
         for variant, value in results.items():
             tolerance = 5e-3 if sample.dtype == torch.float16 else 1e-4
             torch.testing.assert_close(value, results["sequential"], rtol=0, atol=tolerance * scale, msg=variant)
+
+
+def cpu_seconds(rounds: int = 5) -> dict:
+    """Process CPU seconds per step of every variant (median of `rounds`, variants interleaved round by round), one
+    intra-op thread: on a shared, busy machine wall-clock medians move by tens of percent between runs, CPU time
+    much less."""
+    import statistics
+    import time
+
+    torch.set_num_threads(1)
+    pipe, sample, text, t = setup()
+    result = {}
+    for distinct in DISTINCT:
+        samples = {variant: [] for variant in VARIANTS}
+        for _ in range(rounds):
+            for variant in VARIANTS:
+                run, cleanup = variant_fn(variant, distinct, pipe, sample, text, t)
+                try:
+                    with torch.inference_mode():
+                        run()  # warm-up
+                        start = time.process_time()
+                        run()
+                        samples[variant].append(time.process_time() - start)
+                finally:
+                    if cleanup is not None:
+                        cleanup()
+                    restore(pipe)
+        medians = {variant: statistics.median(values) for variant, values in samples.items()}
+        result[f"{distinct} LoRAs"] = {
+            "cpu_s": {variant: round(value, 4) for variant, value in medians.items()},
+            "cgkernels_vs": {variant: round(medians["cgkernels"] / value, 3) for variant, value in medians.items()
+                             if variant != "cgkernels"},
+        }
+    return result
+
+
+if __name__ == "__main__":  # python benchmarks/test_bench_adapter_mix.py [OUT.json]
+    import json
+    import platform
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    out = dict(machine=f"{platform.machine()}, {torch.get_num_threads()} threads -> 1", torch=torch.__version__,
+               prompts=PROMPTS, results=cpu_seconds())
+    text = json.dumps(out, indent=1)
+    print(text)
+    if len(sys.argv) > 1:
+        Path(sys.argv[1]).write_text(text + "\n")
