@@ -313,8 +313,9 @@ def _forward_slot(module) -> str:
 # torch.compile of the patched UNet (either form) reaches `module.forward`, the host function. It is excluded from
 # tracing (`disable(recursive=False)`: this frame only), so step counting, the [start, stop) window, plan selection
 # and setting the router run eagerly on every call, CUDA-graph replays included. Its one traced callee is the core,
-# which reads only its arguments and the router: one graph per distinct step plan and input shape. The host frame
-# calls nothing else that is not itself disabled (a callee frame would be traced and guard on the step counter).
+# which reads only its arguments and the router: one graph per distinct step plan and input shape (and, for Flux's
+# joint true CFG, `_pending_half`, a one-view graph of the second call). The host frame calls nothing else that is
+# not itself disabled (a callee frame would be traced and guard on the step counter).
 def _host_forward(pipe, state: _PatchState):
     router = state.handle.router
     core = _core_forward(state.original_forward, state.denoiser.static_args)
