@@ -85,6 +85,7 @@ STAGES = (
     Stage("extras", 90, 60, needs_build=True),
     Stage("unet-compiled", 120, 60, needs_build=True),
     Stage("cuda-tests", 150, 60, needs_build=True),
+    Stage("adapter-mix", 60, 60, needs_build=True),
 )
 BUILD_TIMEOUT_S = 240
 GPU_BUDGET_S = 530  # a 600 s call: minus the machine's own margin and the results' copy

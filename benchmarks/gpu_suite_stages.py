@@ -809,6 +809,44 @@ def stage_cuda_tests(ctx):
               passed_before_stop=progress.count("."), failed_before_stop=progress.count("F"))
 
 
+def stage_adapter_mix(ctx):
+    """A different LoRA per prompt (benchmarks/test_bench_adapter_mix.py): 8 prompts with 1, 3 and 8 distinct LoRAs
+    in one CFG step; cgkernels (one call, adapters_per_prompt) against peft's mixed batch, one call per adapter,
+    one call per prompt and base-only; the variants' agreement is checked first."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import test_bench_adapter_mix as mix
+
+    pipe, sample, text, t = mix.setup(str(ctx.device), tiny=ctx.rehearsal)
+    key = "gpu_us" if ctx.device.type == "cuda" else "host_us"
+    for distinct in mix.DISTINCT:
+        outputs, times = {}, {}
+        for variant in mix.VARIANTS:
+            run, cleanup = mix.variant_fn(variant, distinct, pipe, sample, text, t)
+            try:
+                with torch.inference_mode():
+                    outputs[variant] = run().float()
+                    timing = ctx.guarded("adapter-mix", lambda: time_call(ctx, run, graphable=False,
+                                                                          iters=1 if ctx.rehearsal else 10),
+                                         distinct=distinct, variant=variant)
+            finally:
+                if cleanup is not None:
+                    cleanup()
+                mix.restore(pipe)
+            if timing is not None:
+                times[variant] = timing
+                ctx.record("adapter-mix", prompts=mix.PROMPTS, distinct=distinct, variant=variant, **timing)
+        reference = outputs["sequential"]
+        error = (outputs["cgkernels"] - reference).abs().max().item() / max(reference.abs().max().item(), 1e-12)
+        ctx.check(error < (5e-3 if sample.dtype == torch.float16 else 1e-4), "adapter-mix-agreement",
+                  distinct=distinct, relative_error=error)
+        if "cgkernels" in times:
+            ctx.record("adapter-mix-summary", distinct=distinct, **{
+                f"cgkernels_vs_{other}": round(times["cgkernels"][key] / times[other][key], 4)
+                for other in mix.VARIANTS[1:] if other in times})
+    del pipe
+    _free(ctx)
+
+
 STAGE_FUNCTIONS = {
     "env": stage_env,
     "kernel-bench": stage_kernel_bench,
@@ -819,4 +857,5 @@ STAGE_FUNCTIONS = {
     "extras": stage_extras,
     "unet-compiled": stage_unet_compiled,
     "cuda-tests": stage_cuda_tests,
+    "adapter-mix": stage_adapter_mix,
 }

@@ -1,6 +1,7 @@
-"""cgkernels: fast preference guidance (cPGD, PGD, Diffusion-NPO) for diffusers pipelines.
+"""cgkernels: fast guidance over LoRA adapters (cPGD, PGD, Diffusion-NPO, any Guidance expression) for diffusers
+pipelines.
 
-All guidance branches run as one batched UNet pass: a fused multi-LoRA linear applies a different adapter mix to
+All guidance branches run as one batched denoiser pass: a fused multi-LoRA linear applies a different adapter mix to
 each batch segment, and a fused guidance merge combines the branch predictions.
 """
 from cgkernels import ops
@@ -15,6 +16,10 @@ def __getattr__(name):
         from cgkernels import patching
 
         return getattr(patching, name)
+    if name in ("branch", "Guidance"):
+        from cgkernels import guidance
+
+        return getattr(guidance, name)
     if name == "ContrastiveGuidance":
         from cgkernels.guider import ContrastiveGuidance
 
@@ -22,4 +27,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'cgkernels' has no attribute {name!r}")
 
 
-__all__ = ["ops", "patch", "unpatch", "ContrastiveGuidance", "__version__"]
+__all__ = ["ops", "patch", "unpatch", "branch", "Guidance", "ContrastiveGuidance", "__version__"]

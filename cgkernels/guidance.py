@@ -1,52 +1,335 @@
-"""Guidance modes as row plans: which UNet branches run, which adapter mix each uses, and how they are merged.
+"""Guidance as an algebra over denoiser branches, and the guidance modes as presets written in it.
 
-Notation: b = base UNet, p = base + positive adapter, n = base + negative adapter, s = strength, g = guidance scale,
-y in {uncond (negative/empty prompt), cond (prompt)}. Every mode is written as
+A branch is one denoiser prediction: at a prompt ("uncond": the negative / empty prompt, "cond": the prompt) with a
+mix of LoRA adapters at given weights (no adapters: the base model). `branch(prompt, **weights)` is a `Term`, and
+terms form linear combinations with +, - and scalar *. `Guidance(uncond, cond, after)` defines one step's
+prediction
 
-    eps = (1 - g) * U + g * C + D
+    eps = (1 - g) * uncond + g * cond + after          (with CFG, g = the pipeline's guidance scale)
+    eps = cond + after                                 (without CFG)
 
-with U, C, D linear combinations of branch predictions (U: the guided unconditional prediction, C: the guided
-conditional one, D: a term added after CFG). Without CFG (g <= 1 in the pipeline) eps = C + D. Guidance rescale
-uses C + D as its reference ("the mode's conditional prediction").
+Guidance rescale takes cond + after as its reference. `compile_merge` turns a Guidance into the distinct branches
+one batched denoiser call runs (each (prompt, adapter mix) once) and the merge coefficients of the fused merge op;
+`build_step_plan` adds the per-prompt adapter mixes of one call and the row routing (a `StepPlan`).
 
-- contrastive       U = b(u) + s(p(u) - n(u)),  C = the same at c,               D = 0          6 branches
-- contrastive-cond  U = b(u), C = b(c),  D = s(p(c) - n(c))                                     4 branches
-- contrastive-uncond U = b(u), C = b(c), D = s(p(u) - n(u))                                     4 branches
-- pgd               U = b(u) + s(p(u) - b(u)),  C = the same at c                               4 branches
-- npo               U = m(u), C = q(c);  q = base + positive (or base), m = base + s*neg + (1 - merge_weight)*pos
-- merged            U, C from W + s(dW_pos - dW_neg) on every row                               2 branches
-- cfg               U, C from the adapters the user activated                                   2 branches
+Presets (b = base, p / n = the positive / negative adapter, s = strength), the single source of the mode strings of
+`cgkernels.patch(pipe, guidance="...")`:
+
+- contrastive        uncond = b(u) + s(p(u) - n(u)),  cond = the same at c                        6 branches
+- contrastive-cond   uncond = b(u), cond = b(c),  after = s(p(c) - n(c))                           4 branches
+- contrastive-uncond uncond = b(u), cond = b(c),  after = s(p(u) - n(u))        needs CFG          4 branches
+- pgd                uncond = b(u) + s(p(u) - b(u)),  cond = the same at c                         4 branches
+- npo                uncond = m(u), cond = q(c);  m = base + s*neg + (1 - merge_weight)*pos, q = base + pos
+                     (positive=None: q = base, m = base + s*neg)                needs CFG          2 branches
+- merged             uncond, cond at base + s*pos - s*neg (one combined adapter)                   2 branches
+- cfg                uncond, cond with the adapters active at patch time, at their set_adapters weights
 
 Published cPGD ("contrastive") adds s*[g*(p(c) - n(c)) + (1 - g)*(p(u) - n(u))] to plain CFG: the correction's
-unconditional part enters with weight 1 - g < 0. Adapters trained with empty prompts learn the prompt-independent
-part of a preference at u, and CFG turns that part against the preference. "contrastive-cond" keeps only the
-conditional part; "contrastive-uncond" applies the unconditional part after CFG with weight +s, the sign that keeps
-it pointing towards the preference (with strength s*(1 - g) it is exactly the u-part of "contrastive"). It needs CFG
-(guidance_scale > 1): without the unconditional half there is nothing to read it from.
+unconditional part enters with weight 1 - g < 0. "contrastive-cond" keeps only the conditional part;
+"contrastive-uncond" applies the unconditional part after CFG with weight +s. npo and contrastive-uncond act through
+the unconditional prediction: without CFG they would silently do nothing (npo) or have nothing to read, so they are
+refused there.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import numbers
+from dataclasses import dataclass, field
 
-__all__ = ["MODES", "NEEDS_UNCOND", "GuidanceConfig", "Branch", "RowPlan", "mode_mixes", "row_plan",
-           "two_call_cfg_plan", "is_guided_step"]
+import torch
+
+from cgkernels.lora_layers import ACTIVE_ADAPTERS, SegmentRouting, build_routing
+
+__all__ = ["MODES", "NEEDS_CFG", "NEEDS_UNCOND", "ACTIVE_ADAPTERS", "Branch", "Term", "branch", "Guidance",
+           "GuidanceConfig", "preset", "compile_merge", "StepPlan", "build_step_plan", "is_guided_step", "as_real",
+           "combine_mixes", "mix_of", "UNCOND", "COND", "Mix"]
 
 MODES = ("contrastive", "contrastive-cond", "contrastive-uncond", "pgd", "npo", "merged", "cfg")
-
-# Mix names used by the patch (internal; adapter names are the user's).
-POSITIVE, NEGATIVE, NPO_UNCOND, MERGED, USER = "positive", "negative", "npo_uncond", "merged", "user"
-
-# Modes whose guidance acts through the unconditional prediction: without one (a guidance-distilled model such as
-# FLUX.1-dev run without true CFG) npo and contrastive-uncond have nothing to act on and contrastive-cond is plain
-# contrastive.
+# Presets that act through the unconditional prediction: refused without CFG.
+NEEDS_CFG = ("contrastive-uncond", "npo")
+# Presets refused on a guidance-distilled Flux model without true CFG (contrastive-cond there is plain contrastive).
 NEEDS_UNCOND = ("contrastive-cond", "contrastive-uncond", "npo")
 
-UNCOND, COND = 0, 1  # index of the prompt half in the pipeline's CFG batch [uncond x B, cond x B]
+UNCOND, COND = "uncond", "cond"
+_PROMPTS = (UNCOND, COND)
+# ACTIVE_ADAPTERS (a pseudo-adapter name): the adapters active in each LoRA layer at patch time, at the per-layer
+# weights peft holds then (the user's set_adapters weights, which may differ per block). The "cfg" preset runs it.
+
+Mix = tuple  # ((adapter, weight), ...) sorted by adapter, no zero weights; () = the base model
+
+
+def as_real(value, name: str) -> float:
+    """`value` as a finite float: Python, NumPy and 0-d torch real scalars are accepted; bools, complex numbers,
+    other types and inf / nan are refused naming `name`."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{name} must be a real scalar, got a tensor of shape {tuple(value.shape)} and dtype "
+                            f"{value.dtype}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def mix_of(weights: dict, where: str) -> Mix:
+    """{adapter: weight} as a Mix (weights checked: finite real scalars; zero weights dropped)."""
+    mix = {}
+    for adapter, weight in weights.items():
+        if not isinstance(adapter, str) or not adapter:
+            raise TypeError(f"{where}: adapter names must be non-empty strings, got {adapter!r}")
+        w = as_real(weight, f"{where}: weight of adapter {adapter!r}")
+        if w != 0.0:
+            mix[adapter] = w
+    return tuple(sorted(mix.items()))
+
+
+def combine_mixes(*mixes: Mix) -> Mix:
+    """The sum of adapter mixes (weights of the same adapter add; zero weights dropped)."""
+    total: dict[str, float] = {}
+    for mix in mixes:
+        for adapter, weight in mix:
+            total[adapter] = total.get(adapter, 0.0) + weight
+    return tuple(sorted((a, w) for a, w in total.items() if w != 0.0))
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One denoiser prediction: at `prompt` ("uncond" or "cond") with the adapter mix `adapters`."""
+
+    prompt: str
+    adapters: Mix = ()
+
+    def __repr__(self):
+        weights = "".join(f", {a}={w:g}" if a.isidentifier() else f", **{{{a!r}: {w:g}}}" for a, w in self.adapters)
+        return f"branch({self.prompt!r}{weights})"
+
+
+class Term:
+    """A linear combination of branches, sum_k c_k * branch_k (immutable)."""
+
+    __slots__ = ("_coeffs",)
+
+    def __init__(self, coeffs: dict | None = None):
+        cleaned = {b: c for b, c in (coeffs or {}).items() if c != 0.0}
+        object.__setattr__(self, "_coeffs", tuple(sorted(cleaned.items(), key=lambda item: _branch_key(item[0]))))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Term is immutable")
+
+    def items(self) -> tuple[tuple[Branch, float], ...]:
+        return self._coeffs
+
+    def branches(self) -> tuple[Branch, ...]:
+        return tuple(b for b, _ in self._coeffs)
+
+    def _combined(self, other, sign: float) -> "Term":
+        if isinstance(other, numbers.Number) and not isinstance(other, bool) and other == 0:
+            return self  # sum(...) starts from 0
+        if not isinstance(other, Term):
+            raise TypeError(f"a guidance Term can be added to another Term (branch(...)), not to "
+                            f"{type(other).__name__} ({other!r}); scale terms with `*`")
+        coeffs = dict(self._coeffs)
+        for b, c in other._coeffs:
+            coeffs[b] = coeffs.get(b, 0.0) + sign * c
+        return Term(coeffs)
+
+    def __add__(self, other):
+        return self._combined(other, 1.0)
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        return self._combined(other, -1.0)
+
+    def __rsub__(self, other):
+        return (-self)._combined(other, 1.0)
+
+    def __neg__(self):
+        return Term({b: -c for b, c in self._coeffs})
+
+    def __mul__(self, scalar):
+        if isinstance(scalar, Term):
+            raise TypeError("a product of two guidance Terms is not linear: multiply a Term by a real number")
+        s = as_real(scalar, "a guidance Term's scalar factor")
+        return Term({b: s * c for b, c in self._coeffs})
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scalar):
+        s = as_real(scalar, "a guidance Term's divisor")
+        if s == 0.0:
+            raise ZeroDivisionError("a guidance Term divided by zero")
+        return Term({b: c / s for b, c in self._coeffs})
+
+    def __eq__(self, other):
+        return isinstance(other, Term) and self._coeffs == other._coeffs
+
+    def __hash__(self):
+        return hash(self._coeffs)
+
+    def __repr__(self):
+        if not self._coeffs:
+            return "Term()"
+        parts = [("-" if c < 0 else "+", repr(b) if abs(c) == 1.0 else f"{abs(c):g}*{b!r}") for b, c in self._coeffs]
+        text = " ".join(f"{sign} {body}" for sign, body in parts)
+        return text[2:] if text.startswith("+ ") else "-" + text[2:]
+
+
+def _branch_key(b: Branch):
+    return (_PROMPTS.index(b.prompt), b.adapters)
+
+
+def branch(prompt: str, **adapter_weights) -> Term:
+    """The denoiser's prediction at `prompt` ("uncond" or "cond") with the named adapters at those weights (a
+    weight multiplies the adapter's configured scale lora_alpha / r); no adapters: the base model."""
+    if prompt not in _PROMPTS:
+        raise ValueError(f"branch prompt must be 'uncond' or 'cond', got {prompt!r}")
+    return Term({Branch(prompt, mix_of(adapter_weights, f"branch({prompt!r})")): 1.0})
+
+
+def _as_term(value, name: str) -> Term:
+    if value is None:
+        return Term()
+    if not isinstance(value, Term):
+        raise TypeError(f"Guidance({name}=...) must be a Term built from cgkernels.branch(...), got "
+                        f"{type(value).__name__}")
+    return value
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """eps = (1 - g) * uncond + g * cond + after with CFG (g: the pipeline's guidance scale), cond + after without.
+
+    needs_cfg (keyword): refuse calls without CFG (set by the presets that act through the unconditional
+    prediction). name: how errors call it (the preset's mode string)."""
+
+    uncond: Term
+    cond: Term
+    after: Term | None = None
+    needs_cfg: bool = field(default=False, kw_only=True)
+    name: str = field(default="Guidance(...)", kw_only=True, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "uncond", _as_term(self.uncond, "uncond"))
+        object.__setattr__(self, "cond", _as_term(self.cond, "cond"))
+        object.__setattr__(self, "after", _as_term(self.after, "after"))
+        if not self.cond.items():
+            raise ValueError("Guidance(cond=...) is empty: the guided prediction needs at least one branch")
+
+    def adapters(self) -> list[str]:
+        return sorted({a for term in (self.uncond, self.cond, self.after) for b in term.branches()
+                       for a, _ in b.adapters})
+
+
+def compile_merge(guidance: Guidance, layout: str, guidance_scale: float = 1.0) -> tuple[tuple, tuple, tuple]:
+    """(branches, coeffs, ref_coeffs) of one denoiser call: the distinct branches in row order and the merge
+    coefficients (eps = sum coeffs[k] * branch_k; rescale reference sum ref_coeffs[k] * branch_k).
+
+    layout: "cfg" (one call over [uncond, cond], g = guidance_scale), "cond" (no CFG: eps = cond + after), or one of
+    the two calls of a pipeline that mixes separate calls as U' + g (C' - U') (Flux true CFG): "two_call_uncond"
+    returns U' = uncond + after_u / (1 - g), "two_call_cond" C' = cond + after_c / g (no rescale reference).
+    """
+    g = float(guidance_scale)
+    after = dict(guidance.after.items())
+    if layout == "cfg":
+        parts = ((guidance.uncond, 1.0 - g, 0.0), (guidance.cond, g, 1.0), (guidance.after, 1.0, 1.0))
+    elif layout == "cond":
+        _refuse_without_cfg(guidance, guidance_scale)
+        parts = ((guidance.cond, 1.0, 1.0), (guidance.after, 1.0, 1.0))
+    elif layout in ("two_call_uncond", "two_call_cond"):
+        if not g > 1.0:
+            raise ValueError(f"two-call CFG needs a guidance scale > 1, got {g}")
+        prompt, weight = (UNCOND, 1.0 - g) if layout == "two_call_uncond" else (COND, g)
+        own = guidance.uncond if prompt == UNCOND else guidance.cond
+        if any(b.prompt != prompt for b in own.branches()):
+            raise ValueError(
+                f"{guidance.name}: Flux true CFG runs the {prompt} prompt in a call of its own, so "
+                f"Guidance({prompt}=...) may only use branch({prompt!r}, ...) there; got {own!r}")
+        mine = Term({b: c / weight for b, c in after.items() if b.prompt == prompt})
+        parts = ((own, 1.0, 0.0), (mine, 1.0, 0.0))
+    else:
+        raise ValueError(f"unknown call layout {layout!r}")
+    coeff: dict[Branch, float] = {}
+    ref: dict[Branch, float] = {}
+    for term, weight, ref_weight in parts:
+        for b, c in term.items():
+            coeff[b] = coeff.get(b, 0.0) + weight * c
+            ref[b] = ref.get(b, 0.0) + ref_weight * c
+    # Row order: grouped by adapter mix (uncond then cond inside a group), so that the expanded batch is the
+    # pipeline's [u, c] batch repeated whenever every mix sees both prompts.
+    mixes = list(dict.fromkeys(b.adapters for b in coeff))
+    branches = tuple(Branch(p, m) for m in mixes for p in _PROMPTS
+                     if coeff.get(Branch(p, m), 0.0) != 0.0 or ref.get(Branch(p, m), 0.0) != 0.0)
+    if not branches:
+        raise ValueError(f"{guidance.name}: every merge coefficient is zero at guidance scale {g}")
+    return branches, tuple(coeff[b] for b in branches), tuple(ref[b] for b in branches)
+
+
+def _refuse_without_cfg(guidance: Guidance, guidance_scale: float) -> None:
+    if guidance.needs_cfg:
+        raise ValueError(
+            f"guidance={guidance.name!r} acts through the unconditional branch of CFG; it needs guidance_scale > 1 "
+            f"(got {guidance_scale}, which runs no unconditional branch and would silently give the base model)")
+    uses_uncond = [b for b in guidance.after.branches() if b.prompt == UNCOND]
+    if uses_uncond:
+        raise ValueError(
+            f"{guidance.name}: after={guidance.after!r} reads the unconditional prediction {uses_uncond[0]!r}, which "
+            f"a call without CFG does not compute (guidance_scale={guidance_scale}); use guidance_scale > 1")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets: the mode strings
+# ----------------------------------------------------------------------------------------------------------------
+def preset(mode: str, positive: str | None = "pos", negative: str | None = "neg", strength=1.0,
+           merge_weight=0.0) -> Guidance:
+    """The Guidance of a mode string (see the module docstring)."""
+    s, mw = float(strength), float(merge_weight)
+    pos = {positive: 1.0} if positive is not None else {}
+    neg = {negative: 1.0} if negative is not None else {}
+
+    def both(make):
+        return dict(uncond=make(UNCOND), cond=make(COND))
+
+    def contrast(y):
+        return s * (branch(y, **pos) - branch(y, **neg))
+
+    if mode == "contrastive":
+        return Guidance(**both(lambda y: branch(y) + contrast(y)), name=mode)
+    if mode == "contrastive-cond":
+        return Guidance(branch(UNCOND), branch(COND), contrast(COND), name=mode)
+    if mode == "contrastive-uncond":
+        return Guidance(branch(UNCOND), branch(COND), contrast(UNCOND), needs_cfg=True, name=mode)
+    if mode == "pgd":
+        return Guidance(**both(lambda y: (1.0 - s) * branch(y) + s * branch(y, **pos)), name=mode)
+    if mode == "npo":
+        uncond = dict(combine_mixes(((negative, s),), tuple((a, 1.0 - mw) for a in pos)))
+        return Guidance(branch(UNCOND, **uncond), branch(COND, **pos), needs_cfg=True, name=mode)
+    if mode == "merged":
+        weights = dict(combine_mixes(((positive, s),), ((negative, -s),)))
+        return Guidance(**both(lambda y: branch(y, **weights)), name=mode)
+    if mode == "cfg":
+        return Guidance(**both(lambda y: branch(y, **{ACTIVE_ADAPTERS: 1.0})), name=mode)
+    raise ValueError(f"unknown guidance mode {mode!r}; choose one of {MODES}")
+
+
+_ROLES = {
+    "contrastive": ("positive", "negative"),
+    "contrastive-cond": ("positive", "negative"),
+    "contrastive-uncond": ("positive", "negative"),
+    "merged": ("positive", "negative"),
+    "pgd": ("positive",),
+    "npo": ("negative",),
+    "cfg": (),
+}
 
 
 @dataclass(frozen=True)
 class GuidanceConfig:
+    """A mode string and its settings (patch's and the guider's arguments), validated."""
+
     mode: str = "contrastive"
     positive: str | None = "pos"
     negative: str | None = "neg"
@@ -55,146 +338,65 @@ class GuidanceConfig:
     stop: float = 1.0
     merge_weight: float = 0.0
 
-    def validate(self):
+    def validate(self) -> "GuidanceConfig":
+        """The config with its numbers as floats (numpy / 0-d torch scalars accepted), or a ValueError."""
         if self.mode not in MODES:
             raise ValueError(f"unknown guidance mode {self.mode!r}; choose one of {MODES}")
+        numbers_ = {}
         for name in ("strength", "start", "stop", "merge_weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if not 0.0 <= self.start < self.stop <= 1.0:
-            raise ValueError(f"need 0 <= start < stop <= 1, got start={self.start}, stop={self.stop}")
-        needs = {
-            "contrastive": ("positive", "negative"),
-            "contrastive-cond": ("positive", "negative"),
-            "contrastive-uncond": ("positive", "negative"),
-            "merged": ("positive", "negative"),
-            "pgd": ("positive",),
-            "npo": ("negative",),
-            "cfg": (),
-        }[self.mode]
-        for role in needs:
+            try:
+                numbers_[name] = as_real(getattr(self, name), name)
+            except TypeError as error:
+                raise ValueError(f"{error} (a finite number is needed)") from None
+        if not 0.0 <= numbers_["start"] < numbers_["stop"] <= 1.0:
+            raise ValueError(f"need 0 <= start < stop <= 1, got start={numbers_['start']}, stop={numbers_['stop']}")
+        for role in _ROLES[self.mode]:
             if getattr(self, role) is None:
                 raise ValueError(f"guidance={self.mode!r} needs a {role} adapter, got {role}=None")
+        return GuidanceConfig(self.mode, self.positive, self.negative, **numbers_)
 
-    def adapters_used(self) -> list[str]:
-        return sorted({a for weights in mode_mixes(self).values() for a in weights})
+    def guidance(self) -> Guidance:
+        return preset(self.mode, self.positive, self.negative, self.strength, self.merge_weight)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Step plans
+# ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Branch:
-    prompt: int  # UNCOND or COND: which half of the pipeline's CFG batch feeds this branch
-    mix: str | None  # adapter mix name (see mode_mixes), None = base model
+class StepPlan:
+    """What one denoiser call does, decided on the host: the row routing (which adapter mix each row segment runs),
+    which block of the incoming batch feeds each branch, and the merge. Frozen and cached per distinct value:
+    torch.compile guards on these fields, so each distinct plan (and input shape) is one graph.
+
+    blocks None: an unguided call, the pipeline's rows run as they come (each prompt's own adapter mix only)."""
+
+    routing: SegmentRouting
+    batch: int  # B, the pipeline's rows per CFG half
+    halves: int  # 2 for a call over [uncond, cond], else 1
+    blocks: tuple[int, ...] | None
+    coeffs: tuple[float, ...] = ()
+    ref_coeffs: tuple[float, ...] = ()
+    rescale: float = 0.0
 
 
-@dataclass(frozen=True)
-class RowPlan:
-    """Branches in row order (each one B rows), merge coefficients and rescale reference coefficients."""
+def build_step_plan(guidance: Guidance | None, layout: str, guidance_scale: float, rescale: float, batch: int,
+                    lora_scale: float, prompt_mixes: tuple[Mix, ...] = ((),)) -> StepPlan:
+    """The StepPlan of one call. guidance None: an unguided step. prompt_mixes: the adapter mix of each prompt
+    (each owns batch / len(prompt_mixes) consecutive rows of every CFG half), added to every branch's adapters."""
+    halves = 2 if layout == "cfg" else 1
+    rows_per_prompt = batch // len(prompt_mixes)
 
-    branches: tuple[Branch, ...]
-    coeffs: tuple[float, ...]
-    ref_coeffs: tuple[float, ...]
+    def block_segments(mix: Mix):
+        return [(rows_per_prompt, combine_mixes(mix, own) or None) for own in prompt_mixes]
 
-    def routing(self, batch: int) -> list[tuple[int, str | None]]:
-        return [(batch, branch.mix) for branch in self.branches]
-
-    def input_blocks(self, cfg: bool) -> list[int]:
-        """For each branch, which B-row block of the incoming batch feeds it ([u, c] with CFG, [c] without)."""
-        return [branch.prompt if cfg else 0 for branch in self.branches]
-
-
-def mode_mixes(config: GuidanceConfig) -> dict[str, dict[str, float]]:
-    """The adapter mixes a mode needs, {mix_name: {adapter: weight}}; combined mixes concatenate ranks."""
-    s, pos, neg = float(config.strength), config.positive, config.negative
-    mode = config.mode
-    if mode in ("contrastive", "contrastive-cond", "contrastive-uncond"):
-        return {POSITIVE: {pos: 1.0}, NEGATIVE: {neg: 1.0}}
-    if mode == "pgd":
-        return {POSITIVE: {pos: 1.0}}
-    if mode == "npo":
-        uncond = {neg: s}
-        if pos is not None:
-            uncond[pos] = uncond.get(pos, 0.0) + (1.0 - config.merge_weight)
-            return {POSITIVE: {pos: 1.0}, NPO_UNCOND: uncond}
-        return {NPO_UNCOND: uncond}
-    if mode == "merged":
-        return {MERGED: {pos: s, neg: -s}}
-    return {}  # cfg: the user mix is added by the patch from the adapters active at patch time
-
-
-def _terms(config: GuidanceConfig, user_mix: str | None):
-    """U, C, D of the mode as lists of (prompt, mix, weight)."""
-    s = float(config.strength)
-    mode = config.mode
-
-    def both(weights):  # the same combination at uncond (U) and cond (C)
-        return [(UNCOND, m, w) for m, w in weights], [(COND, m, w) for m, w in weights]
-
-    if mode == "contrastive":
-        u, c = both([(None, 1.0), (POSITIVE, s), (NEGATIVE, -s)])
-        return u, c, []
-    if mode == "contrastive-cond":
-        return [(UNCOND, None, 1.0)], [(COND, None, 1.0)], [(COND, POSITIVE, s), (COND, NEGATIVE, -s)]
-    if mode == "contrastive-uncond":
-        return [(UNCOND, None, 1.0)], [(COND, None, 1.0)], [(UNCOND, POSITIVE, s), (UNCOND, NEGATIVE, -s)]
-    if mode == "pgd":
-        u, c = both([(None, 1.0 - s), (POSITIVE, s)])
-        return u, c, []
-    if mode == "npo":
-        cond_mix = POSITIVE if config.positive is not None else None
-        return [(UNCOND, NPO_UNCOND, 1.0)], [(COND, cond_mix, 1.0)], []
-    if mode == "merged":
-        u, c = both([(MERGED, 1.0)])
-        return u, c, []
-    u, c = both([(user_mix, 1.0)])
-    return u, c, []
-
-
-def row_plan(config: GuidanceConfig, *, cfg: bool, guidance_scale: float, user_mix: str | None = None) -> RowPlan:
-    """Branches and merge coefficients of one guided step. Branches with all-zero coefficients are not run."""
-    if config.mode == "contrastive-uncond" and not cfg:
-        raise ValueError("guidance='contrastive-uncond' reads the unconditional branch of CFG; it needs "
-                         f"guidance_scale > 1 (got {guidance_scale}, which runs no unconditional branch)")
-    g = float(guidance_scale) if cfg else 1.0
-    uncond, cond, extra = _terms(config, user_mix)
-    coeff: dict[Branch, float] = {}
-    ref: dict[Branch, float] = {}
-    for terms, weight, in_ref in ((uncond, 1.0 - g, False), (cond, g, True), (extra, 1.0, True)):
-        for prompt, mix, w in terms:
-            branch = Branch(prompt, mix)
-            coeff[branch] = coeff.get(branch, 0.0) + weight * w
-            ref[branch] = ref.get(branch, 0.0) + (w if in_ref else 0.0)
-    # Row order: grouped by mix (uncond then cond inside a group), so that the expanded batch is the pipeline's
-    # [u, c] batch repeated whenever every mix sees both prompts, and each mix is one routing segment.
-    mixes_in_order = list(dict.fromkeys(b.mix for b in coeff))
-    prompts = (UNCOND, COND) if cfg else (COND,)
-    branches = [
-        Branch(prompt, mix)
-        for mix in mixes_in_order
-        for prompt in prompts
-        if coeff.get(Branch(prompt, mix), 0.0) != 0.0 or ref.get(Branch(prompt, mix), 0.0) != 0.0
-    ]
-    return RowPlan(tuple(branches), tuple(coeff[b] for b in branches), tuple(ref[b] for b in branches))
-
-
-def two_call_cfg_plan(config: GuidanceConfig, *, prompt: int, guidance_scale: float,
-                      user_mix: str | None = None) -> RowPlan:
-    """The branches of ONE of the two denoiser calls of a pipeline that runs CFG as separate calls and mixes their
-    outputs as U' + g (C' - U') (Flux's true CFG). Each call can only run branches at its own prompt, so the terms of
-    D (added after CFG) go to the call of their prompt: the uncond call returns U' = U + D_u / (1 - g), the cond call
-    C' = C + D_c / g, and the pipeline's mix is the mode's (1 - g) U + g C + D. No guidance rescale (ref_coeffs 0).
-    """
-    g = float(guidance_scale)
-    if not g > 1.0:
-        raise ValueError(f"two-call CFG needs a guidance scale > 1, got {g}")
-    uncond, cond, extra = _terms(config, user_mix)
-    weight = 1.0 - g if prompt == UNCOND else g
-    terms = (uncond if prompt == UNCOND else cond) + [(p, m, w / weight) for p, m, w in extra if p == prompt]
-    coeff: dict[str | None, float] = {}
-    for _, mix, w in terms:
-        coeff[mix] = coeff.get(mix, 0.0) + w
-    branches = tuple(Branch(prompt, mix) for mix, c in coeff.items() if c != 0.0)
-    return RowPlan(branches, tuple(coeff[b.mix] for b in branches), (0.0,) * len(branches))
+    if guidance is None:
+        segments = [s for _ in range(halves) for s in block_segments(())]
+        return StepPlan(build_routing(segments, lora_scale), batch, halves, None)
+    branches, coeffs, ref_coeffs = compile_merge(guidance, layout, guidance_scale)
+    blocks = tuple(_PROMPTS.index(b.prompt) if halves == 2 else 0 for b in branches)
+    segments = [s for b in branches for s in block_segments(b.adapters)]
+    return StepPlan(build_routing(segments, lora_scale), batch, halves, blocks, coeffs, ref_coeffs,
+                    float(rescale) if layout == "cfg" else 0.0)
 
 
 def is_guided_step(step: int, num_steps: int, start: float, stop: float) -> bool:

@@ -15,7 +15,16 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 
-from cgkernels.guidance import COND, GuidanceConfig, RowPlan, is_guided_step, mode_mixes, row_plan
+from cgkernels.guidance import (
+    ACTIVE_ADAPTERS,
+    COND,
+    UNCOND,
+    Guidance,
+    GuidanceConfig,
+    branch,
+    compile_merge,
+    is_guided_step,
+)
 from cgkernels.lora_layers import adapter_scaling, lora_layers
 from cgkernels.ops import guidance_merge
 
@@ -55,11 +64,11 @@ class ContrastiveGuidance(BaseGuidance):
         super().__init__(start, stop, enabled)
         if mode == "merged":
             raise ValueError("mode='merged' changes the layers' weights; use cgkernels.patch(pipe, guidance='merged')")
-        self.guidance = GuidanceConfig(mode, positive, negative, strength, start, stop, merge_weight)
-        self.guidance.validate()
+        self.guidance = GuidanceConfig(mode, positive, negative, strength, start, stop, merge_weight).validate()
         self.guidance_scale = guidance_scale
         self.guidance_rescale = guidance_rescale
-        self.mixes = mode_mixes(self.guidance)
+        self.preset = self.guidance.guidance()
+        self.base = Guidance(branch(UNCOND), branch(COND), name="base")
         self._saved_layers = None
 
     # -- which branches run this step ----------------------------------------------------------------------------
@@ -73,28 +82,25 @@ class ContrastiveGuidance(BaseGuidance):
             return True
         return is_guided_step(self._step, self._num_inference_steps, self._start, self._stop)
 
-    def _plan(self) -> RowPlan:
-        cfg = self._cfg_active()
-        if self._preference_active():
-            user_mix = "user" if self.guidance.mode == "cfg" else None
-            return row_plan(self.guidance, cfg=cfg, guidance_scale=self.guidance_scale, user_mix=user_mix)
-        base = GuidanceConfig(mode="cfg", positive=None, negative=None)
-        return row_plan(base, cfg=cfg, guidance_scale=self.guidance_scale, user_mix=None)
+    def _plan(self) -> tuple[tuple, tuple, tuple]:
+        """(branches, coeffs, ref_coeffs) of this step (cgkernels.guidance.compile_merge)."""
+        guidance = self.preset if self._preference_active() else self.base
+        return compile_merge(guidance, "cfg" if self._cfg_active() else "cond", self.guidance_scale)
 
     @property
     def num_conditions(self) -> int:
-        return len(self._plan().branches)
+        return len(self._plan()[0])
 
     @property
     def is_conditional(self) -> bool:
         index = max(self._count_prepared - 1, 0)
-        return self._plan().branches[index].prompt == COND
+        return self._plan()[0][index].prompt == COND
 
     # -- inputs ----------------------------------------------------------------------------------------------------
     def prepare_inputs(self, data):
         return [
             self._prepare_batch(data, 0 if branch.prompt == COND else 1, self._input_predictions[i])
-            for i, branch in enumerate(self._plan().branches)
+            for i, branch in enumerate(self._plan()[0])
         ]
 
     def prepare_inputs_from_block_state(self, data, input_fields):
@@ -102,20 +108,19 @@ class ContrastiveGuidance(BaseGuidance):
             self._prepare_batch_from_block_state(
                 input_fields, data, 0 if branch.prompt == COND else 1, self._input_predictions[i]
             )
-            for i, branch in enumerate(self._plan().branches)
+            for i, branch in enumerate(self._plan()[0])
         ]
 
     # -- adapters per branch ---------------------------------------------------------------------------------------
     def prepare_models(self, denoiser: torch.nn.Module) -> None:
         self._count_prepared += 1
-        branch = self._plan().branches[self._count_prepared - 1]
-        if self.guidance.mode == "cfg" and branch.mix is not None:
-            return  # the adapters the user activated
+        weights = dict(self._plan()[0][self._count_prepared - 1].adapters)
+        if ACTIVE_ADAPTERS in weights:
+            return  # mode "cfg": the adapters the user activated
         layers = [layer for _, layer in lora_layers(denoiser)]
         self._saved_layers = [
             (layer, dict(layer.scaling), list(layer.active_adapters), layer.disable_adapters) for layer in layers
         ]
-        weights = self.mixes.get(branch.mix, {}) if branch.mix is not None else {}
         for layer in layers:
             present = [a for a in weights if a in layer.lora_A]
             for adapter in present:  # the configured scale, as the one-pass patch uses (not set_adapters weights)
@@ -136,9 +141,9 @@ class ContrastiveGuidance(BaseGuidance):
 
     # -- merge -----------------------------------------------------------------------------------------------------
     def forward(self, **predictions: torch.Tensor) -> GuiderOutput:
-        plan = self._plan()
-        preds = [predictions[self._input_predictions[i]] for i in range(len(plan.branches))]
+        branches, coeffs, ref_coeffs = self._plan()
+        preds = [predictions[self._input_predictions[i]] for i in range(len(branches))]
         rescale = self.guidance_rescale if self._cfg_active() else 0.0
-        pred = guidance_merge(preds, list(plan.coeffs), rescale=rescale, ref_coeffs=list(plan.ref_coeffs))
-        pred_cond = guidance_merge(preds, list(plan.ref_coeffs))
+        pred = guidance_merge(preds, list(coeffs), rescale=rescale, ref_coeffs=list(ref_coeffs))
+        pred_cond = guidance_merge(preds, list(ref_coeffs))
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=None)

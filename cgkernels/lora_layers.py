@@ -15,8 +15,10 @@ peft's own forward (the adapters the user activated).
 
 scaling_a is the adapter's configured scale (lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA), fixed when
 attaching: weights set with diffusers' `set_adapters` and the transient LoRA scale of `cross_attention_kwargs`
-(which both rewrite peft's `layer.scaling`) do not leak into the mixes. A mix named in `user_weighted` instead keeps
-the per-layer scaling peft holds at attach time (the user's `set_adapters` weights). The LoRA scale of one call is
+(which both rewrite peft's `layer.scaling`) do not leak into the mixes. The pseudo-adapter ACTIVE_ADAPTERS in a mix
+stands for the adapters active in each layer at attach time, at the per-layer scaling peft holds then (the user's
+`set_adapters` weights). Mixes are named at attach time or added later (`handle.add_mixes`, keyed by their
+((adapter, weight), ...) tuple; at most MAX_MIXES per handle). The LoRA scale of one call is
 `handle.routing(..., lora_scale=)`. Under `torch.autocast` the fused path computes in the autocast dtype, as
 `nn.Linear` would.
 
@@ -37,17 +39,24 @@ import torch.utils.checkpoint
 from torch import nn
 
 from cgkernels.ops.multi_lora_linear import (
+    MAX_TRITON_RANK,
     SegmentPlan,
-    _resolve_backend,
-    _validate_segments,
-    _validate_tensors,
     planned_multi_lora_linear,
+    prepare_multi_lora_linear,
 )
 
 __all__ = [
     "attach_segmented_lora", "segment_routing", "routing_checkpoint", "adapter_scaling", "SegmentedLoraHandle",
-    "SegmentRouting", "SegmentRouter", "unwrap_model",
+    "SegmentRouting", "SegmentRouter", "unwrap_model", "build_routing", "ACTIVE_ADAPTERS", "MAX_MIXES",
 ]
+
+# A pseudo-adapter name in a mix: the adapters active in each LoRA layer when attaching, at the per-layer scaling peft
+# holds then (the user's set_adapters weights, which may differ per block).
+ACTIVE_ADAPTERS = "<active>"
+# Distinct adapter mixes one attach handle stacks (named at attach time, or added later by add_mixes). The fused op has
+# no limit of its own (int32 slot indices); this bounds the stacked factors' memory, about MAX_MIXES x the widest mix
+# rank x (in + out features) per layer. Slots are never renumbered (a compiled graph bakes them in).
+MAX_MIXES = 64
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -58,7 +67,7 @@ class SegmentRouting:
     """Consecutive batch segments (in samples, i.e. along dim 0) and the mix each one runs."""
 
     offsets: tuple[int, ...]  # S + 1 sample offsets, 0 .. total
-    mixes: tuple[str | None, ...]  # S mix names, None = base model only
+    mixes: tuple  # S mixes: a name given at attach time, an ((adapter, weight), ...) tuple (add_mixes), None = base
     lora_scale: float = 1.0  # multiplies every adapter delta (diffusers' cross_attention_kwargs["scale"])
 
     @property
@@ -83,7 +92,7 @@ class SegmentRouter:
 
     def plan(self, segments, lora_scale: float = 1.0) -> SegmentRouting:
         """The interned routing of `[(n_rows, mix_or_None), ...]` (validated)."""
-        return self.intern(_build_routing(segments, lora_scale))
+        return self.intern(build_routing(segments, lora_scale))
 
     def intern(self, routing: SegmentRouting) -> SegmentRouting:
         known = self._interned.get(routing)
@@ -103,7 +112,13 @@ class SegmentRouter:
             self.current = previous
 
 
-def _build_routing(segments, lora_scale: float = 1.0) -> SegmentRouting:
+def _is_mix_key(mix) -> bool:
+    return mix is None or isinstance(mix, str) or (
+        isinstance(mix, tuple) and all(isinstance(t, tuple) and len(t) == 2 and isinstance(t[0], str) for t in mix))
+
+
+def build_routing(segments, lora_scale: float = 1.0) -> SegmentRouting:
+    """The SegmentRouting of `[(n_rows, mix), ...]` (validated; empty segments dropped, equal neighbours joined)."""
     if isinstance(lora_scale, bool) or not isinstance(lora_scale, numbers.Real) or not math.isfinite(lora_scale):
         raise ValueError(f"lora_scale must be a finite number, got {lora_scale!r}")
     offsets, mixes = [0], []
@@ -113,8 +128,9 @@ def _build_routing(segments, lora_scale: float = 1.0) -> SegmentRouting:
         n_rows, mix = item
         if isinstance(n_rows, bool) or not isinstance(n_rows, int) or n_rows < 0:
             raise ValueError(f"segment row count must be a non-negative int, got {n_rows!r}")
-        if mix is not None and not isinstance(mix, str):
-            raise ValueError(f"segment mix must be a mix name (str) or None, got {mix!r}")
+        if not _is_mix_key(mix):
+            raise ValueError(f"segment mix must be a mix name (str), an ((adapter, weight), ...) tuple or None, got "
+                             f"{mix!r}")
         if n_rows == 0:
             continue
         if mixes and mixes[-1] == mix:  # neighbours with the same mix are one segment
@@ -265,45 +281,58 @@ class _Launch:
 
     slots: tuple[int, ...]
     base_only: bool  # no segment has an adapter in this layer: run the base layer
-    plan: SegmentPlan | None = None  # None: base only, or the per-segment fallback (3x3 convs)
+    plan: SegmentPlan | None = None  # None: base only, or the per-segment fallback (3x3 convs, wide stacks)
     backend: str | None = None
 
 
 class _SegmentedLoraLayer:
     """Takes over one peft LoRA layer's forward; holds the stacked mixes of that layer."""
 
-    def __init__(self, name: str, layer: nn.Module, mixes: dict[str, dict[str, float]], trainable: bool,
-                 router: SegmentRouter, user_weighted=frozenset()):
+    def __init__(self, name: str, layer: nn.Module, mixes: dict, trainable: bool, router: SegmentRouter):
         self.name = name
         self.layer = layer
         self.router = router  # shared by the handle's layers: forward reads router.current
         self.base = layer.get_base_layer()  # resolved once: peft's lookup costs more than a small matmul
         self.trainable = trainable
         self.kind = _layer_kind(name, layer)
+        # ACTIVE_ADAPTERS in a mix: the adapters active here now, at the scaling peft holds now (set_adapters).
+        self.active_terms = [] if layer.disable_adapters else [
+            (a, float(layer.scaling[a])) for a in layer.active_adapters if a in layer.lora_A]
         # Per mix present in this layer: its (adapter, coefficient) terms, coefficient = mix weight * adapter scale,
-        # fixed now; mixes with no adapter here run the base only.
-        self.slot_of_mix: dict[str, int] = {}
+        # fixed when the mix is added; mixes with no adapter here run the base only (slot -1).
+        self.slot_of_mix: dict = {}
         self.terms: list[list[tuple[str, float]]] = []
-        for mix_name, weights in mixes.items():
-            terms = []
-            for adapter, weight in weights.items():
-                if adapter not in layer.lora_A:
-                    continue
-                scaling = layer.scaling[adapter] if mix_name in user_weighted else adapter_scaling(layer, adapter)
-                if weight * scaling != 0.0:
-                    terms.append((adapter, float(weight * scaling)))
-            if terms:
-                self.slot_of_mix[mix_name] = len(self.terms)
-                self.terms.append(terms)
-            else:
-                self.slot_of_mix[mix_name] = -1
         self._launches: dict = {}  # eager: (routing, input and weight shape/dtype/device, autocast) -> _Launch
         self._stacks = None
-        if not trainable:
-            self._stacks = self._build_stacks(self.base.weight.dtype)
+        self.add_mixes(mixes)
         self._had_instance_forward = "forward" in layer.__dict__
         self._previous_forward = layer.__dict__.get("forward")
         self.peft_forward = layer.forward  # bound peft forward (or whatever the user had installed)
+
+    def add_mixes(self, mixes: dict) -> None:
+        """Stack more mixes ({key: {adapter: weight}}) after the existing ones: slots are only appended."""
+        added = False
+        for key, weights in mixes.items():
+            if key in self.slot_of_mix:
+                continue
+            terms: dict[str, float] = {}
+            for adapter, weight in weights.items():
+                parts = ([(a, weight * scaling) for a, scaling in self.active_terms] if adapter == ACTIVE_ADAPTERS
+                         else [(adapter, weight * adapter_scaling(self.layer, adapter))]
+                         if adapter in self.layer.lora_A else [])
+                for a, coeff in parts:
+                    terms[a] = terms.get(a, 0.0) + float(coeff)
+            terms = {a: c for a, c in terms.items() if c != 0.0}
+            if terms:
+                self.slot_of_mix[key] = len(self.terms)
+                self.terms.append(list(terms.items()))
+                added = True
+            else:
+                self.slot_of_mix[key] = -1
+        if added:
+            self._launches.clear()  # a wider stack may change a launch's backend (MAX_TRITON_RANK)
+            if not self.trainable:
+                self._stacks = self._build_stacks(self.base.weight.dtype)
 
     # -- install / restore ---------------------------------------------------------------------------------------
     def install(self):
@@ -372,7 +401,7 @@ class _SegmentedLoraLayer:
                 self._launches[key] = launch
         if launch.base_only:
             return base(x)
-        if self.kind == "conv" or self._dropout_active(launch.slots):
+        if launch.plan is None or self._dropout_active(launch.slots):
             return self._forward_per_segment(x, routing, launch.slots)
         x_rows, weight, bias, lora_a, lora_b = self._fused_operands(x, autocast_dtype)
         y = planned_multi_lora_linear(
@@ -398,18 +427,22 @@ class _SegmentedLoraLayer:
         indptr = [o * rows_per_sample for o in routing.offsets]
         scales = [routing.lora_scale] * len(slots)
         x_rows, weight, bias, lora_a, lora_b = self._fused_operands(x, autocast_dtype)
-        _validate_tensors(x_rows, weight, bias, lora_a, lora_b)
-        num_rows = x.shape[0] * rows_per_sample
-        plan = _validate_segments(indptr, list(slots), scales, num_rows, lora_a.shape[0])
-        return _Launch(slots, False, plan, _resolve_backend("auto", x_rows))
+        plan, backend = prepare_multi_lora_linear(x_rows.reshape(-1, x_rows.shape[-1]), weight, bias, lora_a, lora_b,
+                                                  indptr, list(slots), scales)
+        if backend == "triton" and lora_a.shape[1] > MAX_TRITON_RANK:
+            # Mixes concatenate their adapters' ranks (a branch mix plus a per-prompt mix): a stack wider than the
+            # Triton kernels are built for runs the per-segment torch path in this layer.
+            return _Launch(slots, base_only=False)
+        return _Launch(slots, False, plan, backend)
 
-    def _slot(self, mix: str | None) -> int:
+    def _slot(self, mix) -> int:
         if mix is None:
             return -1
         try:
             return self.slot_of_mix[mix]
         except KeyError:
-            raise ValueError(f"unknown mix {mix!r}; attached mixes: {sorted(self.slot_of_mix)}") from None
+            raise ValueError(f"unknown mix {mix!r}; attached mixes: {list(self.slot_of_mix)} (add mixes with "
+                             "handle.add_mixes before routing to them)") from None
 
     def _fused_operands(self, x, autocast_dtype):
         """x as rows over input features ([..., K]; a 1x1 conv's channels moved last), the base weight [N, K] and
@@ -482,6 +515,8 @@ def _check_layer(name: str, layer: nn.Module, adapters_used: set[str]):
     if layer.merged:
         raise ValueError(f"{name}: adapters {layer.merged_adapters} are merged (fused) into the base weights; "
                          "unfuse them (pipe.unfuse_lora()) before attaching segmented layers")
+    if ACTIVE_ADAPTERS in adapters_used and not layer.disable_adapters:
+        adapters_used = adapters_used | set(layer.active_adapters)
     for adapter in adapters_used & set(layer.lora_A.keys()):
         if layer.use_dora.get(adapter, False):
             raise ValueError(f"{name}: adapter {adapter!r} is a DoRA adapter; DoRA is not supported")
@@ -509,8 +544,27 @@ class SegmentedLoraHandle:
         self.attached = True
 
     @property
-    def mix_names(self) -> list[str]:
+    def mix_names(self) -> list:
         return list(self.mixes)
+
+    def add_mixes(self, mixes) -> None:
+        """Stack more adapter mixes, each an ((adapter, weight), ...) tuple (its own key), in every layer; mixes
+        already stacked cost nothing. More than MAX_MIXES distinct mixes per handle is a ValueError."""
+        new = {mix: dict(mix) for mix in dict.fromkeys(mixes) if mix is not None and mix not in self.mixes}
+        if not new:
+            return
+        if len(self.mixes) + len(new) > MAX_MIXES:
+            raise ValueError(
+                f"{len(self.mixes) + len(new)} distinct adapter mixes would be stacked on this model; the segmented "
+                f"layers hold at most {MAX_MIXES} (each branch's adapters plus each prompt's mix is one). Use fewer "
+                "distinct per-prompt mixes, or detach and attach again (cgkernels.unpatch / patch) to start afresh")
+        new = _check_mixes(self.model, new)
+        used = {a for weights in new.values() for a in weights}
+        for layer in self.layers:
+            _check_layer(layer.name, layer.layer, used)
+        for layer in self.layers:
+            layer.add_mixes(new)
+        self.mixes.update(new)
 
     def routing(self, segments, *, lora_scale: float = 1.0):
         """Context manager: route the batch rows to mixes, [(n_rows, mix_name_or_None), ...] (see segment_routing)."""
@@ -548,15 +602,13 @@ def loaded_adapters(module: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def attach_segmented_lora(
-    unet: nn.Module, mixes: dict[str, dict[str, float]], trainable: bool = False, *, user_weighted=()
-) -> SegmentedLoraHandle:
+def attach_segmented_lora(unet: nn.Module, mixes: dict, trainable: bool = False) -> SegmentedLoraHandle:
     """Make every peft LoRA layer of `unet` segment-aware for the named adapter mixes.
 
     mixes: {mix_name: {adapter_name: weight}}, e.g. {"pos": {"pos": 1.0}, "npo_m": {"neg": 2.0, "pos": 1.0}}.
     A weight multiplies the adapter's configured scale (lora_alpha / r): weight 1 is the adapter as trained,
-    whatever `set_adapters` weights are set. Mixes named in `user_weighted` use peft's current per-layer scaling
-    instead (the user's set_adapters weights, read now).
+    whatever `set_adapters` weights are set. The pseudo-adapter ACTIVE_ADAPTERS stands for the adapters active now
+    at peft's current per-layer scaling (the user's set_adapters weights, read now). More mixes: handle.add_mixes.
     trainable=True rebuilds the stacked adapters each forward so gradients reach peft's lora_A/lora_B (and LoRA
     dropout is applied in train mode); trainable=False stacks them once (inference). Gradient checkpointing that is
     enabled when attaching is made routing-aware (restored on detach); to enable it later, pass
@@ -572,12 +624,10 @@ def attach_segmented_lora(
         if _MARK in layer.__dict__:
             raise ValueError(f"{name}: segmented LoRA layers are already attached to this model; detach them first")
         _check_layer(name, layer, used)
-    unknown = set(user_weighted) - set(mixes)
-    if unknown:
-        raise ValueError(f"user_weighted names mixes {sorted(unknown)} that are not in mixes {sorted(mixes)}")
-    user_weighted = frozenset(user_weighted)
+    if len(mixes) > MAX_MIXES:
+        raise ValueError(f"{len(mixes)} mixes; the segmented layers hold at most {MAX_MIXES}")
     router = SegmentRouter()
-    segmented = [_SegmentedLoraLayer(name, layer, mixes, trainable, router, user_weighted) for name, layer in layers]
+    segmented = [_SegmentedLoraLayer(name, layer, mixes, trainable, router) for name, layer in layers]
     for layer in segmented:
         layer.install()
     handle = SegmentedLoraHandle(unet, segmented, mixes, router, _make_checkpointing_routing_aware(unet, router))
@@ -585,16 +635,16 @@ def attach_segmented_lora(
     return handle
 
 
-def _check_mixes(unet: nn.Module, mixes) -> dict[str, dict[str, float]]:
+def _check_mixes(unet: nn.Module, mixes) -> dict:
     if not isinstance(mixes, dict):
         raise TypeError(f"mixes must be a dict of {{mix_name: {{adapter: weight}}}}, got {type(mixes).__name__}")
     loaded = loaded_adapters(unet)
     checked = {}
     for mix_name, weights in mixes.items():
-        if not isinstance(mix_name, str) or not isinstance(weights, dict):
-            raise TypeError(f"mix {mix_name!r} must map a str name to a dict of adapter weights")
+        if not _is_mix_key(mix_name) or mix_name is None or not isinstance(weights, dict):
+            raise TypeError(f"mix {mix_name!r} must map a str name (or its adapter tuple) to a dict of adapter weights")
         for adapter, w in weights.items():
-            if adapter not in loaded:
+            if adapter not in loaded and adapter != ACTIVE_ADAPTERS:
                 raise ValueError(f"mix {mix_name!r} uses adapter {adapter!r}, which is not loaded; loaded: {loaded}")
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
                 raise ValueError(f"mix {mix_name!r}: weight of {adapter!r} must be a finite number, got {w!r}")

@@ -22,13 +22,12 @@ forward then reads that pipeline's own guidance settings, or refuses a pipeline 
 from __future__ import annotations
 
 import functools
-import sys
 from dataclasses import dataclass
 
 import torch
 
 __all__ = ["SUPPORTED_PIPELINES", "SUPPORTED_DTYPES", "supported_pipeline_classes", "check_pipeline",
-           "check_dtype", "check_offload", "check_weight_hooks", "calling_pipeline", "calling_pipeline_locals", "AdapterGuard"]
+           "check_dtype", "check_offload", "check_weight_hooks", "calling_pipeline", "AdapterGuard"]
 
 # diffusers pipelines whose denoising loop calls the UNet once per step on the CFG batch [uncond, cond], with every
 # batch-dim input (latents, masked-image latents, added conditioning, IP-Adapter image embeds, ControlNet residuals)
@@ -53,12 +52,6 @@ SUPPORTED_PIPELINES = (
 )
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# How far up the stack a pipeline's own frame may be from the patched forward's host bookkeeping: the host function and
-# its torch.compiler.disable wrappers, Module._wrapped_call_impl / _call_impl (twice under a torch.compile wrapper,
-# with dynamo's own frame between), accelerate's offload hook, a forward hook wrapper or two.
-_MAX_CALLER_FRAMES = 24
-
-
 @functools.cache  # called on every UNet call made by a pipeline sharing the patched UNet
 def supported_pipeline_classes() -> tuple[type, ...]:
     import diffusers
@@ -67,9 +60,19 @@ def supported_pipeline_classes() -> tuple[type, ...]:
 
 
 def check_pipeline(pipe, role: str = "cgkernels.patch") -> None:
-    # Exact classes: a subclass may call the UNet differently (another batch layout, several calls per step).
-    if type(pipe) not in supported_pipeline_classes():
-        raise ValueError(f"{role} supports {', '.join(SUPPORTED_PIPELINES)}; got {type(pipe).__name__}")
+    """Supported classes and their subclasses whose `__call__` (the denoising loop, which decides how the denoiser
+    is called) is the supported parent's; a subclass with its own `__call__` may call it differently (another
+    batch layout, several calls per step) and is refused."""
+    cls = type(pipe)
+    parent = next((c for c in cls.__mro__ if c in supported_pipeline_classes()), None)
+    if parent is None:
+        raise ValueError(f"{role} supports {', '.join(SUPPORTED_PIPELINES)} (and their subclasses that keep the "
+                         f"parent's __call__); got {cls.__name__}")
+    if cls.__call__ is not parent.__call__:
+        owner = next(c for c in cls.__mro__ if "__call__" in c.__dict__)
+        raise ValueError(f"{role} supports subclasses of {parent.__name__} that keep its __call__ (the denoising "
+                         f"loop); {cls.__name__} gets its __call__ from {owner.__name__}, which may call the "
+                         "denoiser differently")
 
 
 def check_dtype(model, attr: str = "unet") -> None:
@@ -120,30 +123,10 @@ def check_weight_hooks(module, attr: str = "unet") -> None:
 
 
 def calling_pipeline():
-    """The diffusers pipeline whose method called the UNet (its frame's `self`), or None for a direct call."""
-    return _pipeline_frame(sys._getframe(1))[0]  # from our caller up
+    """The diffusers pipeline whose method called the UNet, or None for a direct call (see cgkernels.call_record)."""
+    from cgkernels.call_record import calling_pipeline as pipeline_and_locals
 
-
-def calling_pipeline_locals():
-    """(pipeline, a snapshot of its calling method's local variables), or (None, None) for a direct call. Flux's
-    true CFG is a local of `__call__` (`do_true_cfg`, `true_cfg_scale`), stored nowhere else."""
-    return _pipeline_frame(sys._getframe(1))
-
-
-def _pipeline_frame(frame):
-    from diffusers import DiffusionPipeline
-
-    for _ in range(_MAX_CALLER_FRAMES):
-        if frame is None:
-            return None, None
-        code = frame.f_code
-        if code.co_argcount and code.co_varnames[0] == "self":
-            local_vars = frame.f_locals
-            owner = local_vars.get("self")
-            if isinstance(owner, DiffusionPipeline):
-                return owner, local_vars
-        frame = frame.f_back
-    return None, None
+    return pipeline_and_locals()[0]
 
 
 @dataclass

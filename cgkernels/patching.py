@@ -2,87 +2,82 @@
 denoiser (UNet or transformer) call.
 
 The pipeline's `__call__` is untouched. The patch takes over `pipe.unet.forward` (an instance attribute, so
-`unpatch` restores the original exactly). Each UNet call from the pipeline's loop carries the CFG batch
+`unpatch` restores the original exactly). Each denoiser call from the pipeline's loop carries the CFG batch
 [uncond x B, cond x B] (or [cond x B] without CFG); the patched forward
 
-1. expands it to the mode's branch rows (every batch-dim input is replicated: sample, a batched timestep,
+1. reads the call into a frozen `CallRecord` (cgkernels.call_record: guidance scale, rescale, CFG on / off, step,
+   number of steps, which of Flux's two true-CFG calls, num_images_per_prompt) and takes the LoRA `scale` and the
+   per-prompt adapter mixes (`adapters_per_prompt`) out of the attention kwargs,
+2. builds (once per distinct value, cached) the `StepPlan` of (guidance, call record, batch, LoRA scale, per-prompt
+   mixes): the Guidance compiles to its distinct branches, their row routing and the merge coefficients
+   (cgkernels.guidance),
+3. expands the batch to the plan's branch rows (every batch-dim input is replicated: sample, a batched timestep,
    encoder_hidden_states, added_cond_kwargs such as SDXL's text_embeds/time_ids, timestep_cond, masks, ...),
-2. runs ONE UNet call with the rows routed (the attach handle's router), so every peft LoRA layer applies each row
-   segment's adapter mix through `multi_lora_linear`,
-3. merges the branch outputs with `guidance_merge` (g = pipe.guidance_scale, rescale phi = pipe.guidance_rescale),
-4. returns [eps, eps] (or [eps]): the pipeline's own u + g(c - u) then yields eps, and its own
-   rescale_noise_cfg(eps, eps, phi) leaves it unchanged (up to one rounding).
+4. runs ONE denoiser call with the rows routed (the attach handle's router), so every peft LoRA layer applies each
+   row segment's adapter mix through `multi_lora_linear`,
+5. merges the branch outputs with `guidance_merge` and returns [eps, eps] (or [eps]): the pipeline's own
+   u + g(c - u) then yields eps, and its own rescale_noise_cfg(eps, eps, phi) leaves it unchanged (up to one rounding).
 
-Steps outside [start, stop) run the pipeline's rows through the base model only. Steps are scheduler steps: the
-loop index i of the pipeline (UNet calls since the scheduler's timesteps were last set, which every pipeline call
-does) divided by `scheduler.order`, out of ceil(len(timesteps) / order). For first-order schedulers that is i of
-len(timesteps) (img2img's shortened schedules included); for second-order ones (Heun, KDPM2) both UNet calls of one
-step are guided alike.
+Steps outside [start, stop) run the pipeline's rows through the base model plus each prompt's own mix. Steps are
+scheduler steps: the denoiser calls since the scheduler's timesteps were last set (every pipeline call does) divided
+by `scheduler.order`, out of ceil(len(timesteps) / order). For first-order schedulers that is i of len(timesteps)
+(img2img's shortened schedules included); for second-order ones (Heun, KDPM2) both calls of one step are guided
+alike.
 
-Adapters. The positive / negative adapters enter every mode at their configured scale (lora_alpha / r), whatever
-weights `set_adapters` holds and whichever adapters are active or disabled: `strength` is the knob. Mode "cfg" is
-the exception: it runs the adapters active at patch time with their set_adapters weights, as the unpatched pipeline
-would. The LoRA scale `cross_attention_kwargs={"scale": x}` multiplies every adapter delta of every branch (in the
-unpatched pipeline it multiplies the active adapters). Adapters (and their weights) are read at patch time: patch
-after loading them, and patch again after changing them. Only UNet adapters are branch-specific: LoRA layers on the
-text encoders run as the user set them and feed the same prompt embeddings to every branch.
+Adapters. Branch adapters enter at their configured scale (lora_alpha / r) times their weight in the Guidance,
+whatever weights `set_adapters` holds and whichever adapters are active or disabled. Mode "cfg" is the exception:
+it runs the adapters active at patch time with their set_adapters weights, as the unpatched pipeline would. The LoRA
+scale `cross_attention_kwargs={"scale": x}` multiplies every adapter delta of every branch. Adapters (and their
+weights) are read at patch time: patch after loading them, and patch again after changing them. Only denoiser
+adapters are branch- and prompt-specific: LoRA layers on the text encoders run as the user set them and feed the
+same prompt embeddings to every branch; an adapter with text-encoder layers is refused in `adapters_per_prompt`.
 
-torch.compile. The patched forward is an eager host function (step counting, the [start, stop) window, the step
-plan, the routing) around a traceable core (expand, one UNet call, merge): `torch.compile(pipe.unet, fullgraph=True)`
-or `pipe.unet.compile()`, before or after `patch`, traces the core without graph breaks, one graph per distinct step
-plan and input shape, and CUDA-graph replays never skip the host's state updates. patch / unpatch act on the module
-under a compile wrapper. The denoiser's attribute and input names live in one `Denoiser` record.
+torch.compile. The patched forward is an eager host function (the call record, the [start, stop) window, the step
+plan, the routing) around a traceable core (expand, one denoiser call, merge): `torch.compile(pipe.unet,
+fullgraph=True)` assigned back to `pipe.unet`, or `pipe.unet.compile()`, before or after `patch`, traces the core
+without graph breaks, one graph per distinct step plan and input shape, and CUDA-graph replays never skip the
+host's state updates. patch / unpatch act on the module under a compile wrapper. A replaced forward that keeps the
+model's signature (`pipe.unet.forward = torch.compile(pipe.unet.forward)`) is called as the model's forward.
 
 SD3 and Flux (one `Denoiser` record per family: attribute, latent input, output class, where the LoRA scale is
-passed, inputs never replicated, how a call maps onto the formula). SD3 is laid out like the UNet pipelines (one
-call per step over [uncond, cond], joint_attention_kwargs' "scale"); skip-layer guidance is refused. Flux is
-guidance-distilled: one call per step over the cond rows, eps = C + D (modes needing an unconditional prediction are
-refused), its guidance value replicated per branch like every batch-dim input, txt_ids / img_ids shared. With true
-CFG (true_cfg_scale > 1 and a negative prompt, locals of the pipeline's __call__, read from its frame) the pipeline
-makes two separate calls per step and mixes neg + G (cond - neg) itself: the cond call (told apart by the identity
-of its encoder_hidden_states, the frame's prompt_embeds) returns C + D / G, the uncond call U, each in one batched
-pass; steps are counted on cond calls.
+passed, inputs never replicated). SD3 is laid out like the UNet pipelines (one call per step over [uncond, cond],
+joint_attention_kwargs); skip-layer guidance is refused. Flux is guidance-distilled: one call per step over the cond
+rows, eps = cond + after, its guidance value replicated per branch like every batch-dim input, txt_ids / img_ids
+shared. With true CFG the pipeline makes two separate calls per step (cond, then uncond) and mixes
+neg + G (cond - neg) itself: the cond call returns cond + after_c / G, the uncond call uncond + after_u / (1 - G),
+each in one batched pass.
 
-The patched UNet reads guidance_scale, guidance_rescale, do_classifier_free_guidance and the scheduler from the
-pipeline that calls it: `pipe`, or another supported pipeline sharing the UNet (e.g. built from pipe.components);
-direct UNet calls read them from `pipe`. Adapters changed, fused or deleted after patching, and unsupported
-pipelines or dtypes, are refused with a ValueError (cgkernels.patch_guard).
+The patched denoiser follows the pipeline that calls it: `pipe`, or another supported pipeline sharing it (e.g.
+built from pipe.components); direct calls read the settings of `pipe`. Adapters changed, fused or deleted after
+patching, and unsupported pipelines or dtypes, are refused with a ValueError (cgkernels.patch_guard).
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
-import math
-import numbers
 import types
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from cgkernels.call_record import CallRecord, StepCounter, calling_pipeline, flux_negative_inputs, read_call
 from cgkernels.guidance import (
-    COND,
+    ACTIVE_ADAPTERS as ACTIVE,
     NEEDS_UNCOND,
-    UNCOND,
-    USER,
+    Guidance,
     GuidanceConfig,
-    RowPlan,
+    Mix,
+    StepPlan,
+    as_real,
+    build_step_plan,
     is_guided_step,
-    mode_mixes,
-    row_plan,
-    two_call_cfg_plan,
+    mix_of,
 )
-from cgkernels.lora_layers import (
-    SegmentRouter,
-    SegmentRouting,
-    attach_segmented_lora,
-    loaded_adapters,
-    lora_layers,
-    unwrap_model,
-)
+from cgkernels.lora_layers import attach_segmented_lora, loaded_adapters, lora_layers, unwrap_model
 from cgkernels.ops import guidance_merge
 from cgkernels.patch_guard import (
     AdapterGuard,
-    calling_pipeline_locals,
     check_dtype,
     check_offload,
     check_pipeline,
@@ -90,9 +85,11 @@ from cgkernels.patch_guard import (
     guidance_pipeline,
 )
 
-__all__ = ["patch", "unpatch", "is_patched"]
+__all__ = ["patch", "unpatch", "is_patched", "PER_PROMPT_KEY"]
 
 _STATE_ATTR = "_cgkernels_patch"
+# The call-time key of per-prompt adapter mixes in cross_attention_kwargs (UNet) / joint_attention_kwargs (SD3, Flux).
+PER_PROMPT_KEY = "adapters_per_prompt"
 
 
 def _unet_output(sample: torch.Tensor):
@@ -108,96 +105,26 @@ def _transformer_output(sample: torch.Tensor):
 
 
 @dataclass(frozen=True)
-class _CallLayout:
-    """How one denoiser call of the pipeline maps onto the mode's formula eps = (1 - g) U + g C + D, decided on the
-    host from the calling pipeline.
-
-    kind: "cfg" (the batch is [uncond, cond], merged here), "cond" (cond rows only, eps = C + D), or one of the two
-    calls of a pipeline that mixes separate uncond / cond calls itself (Flux true CFG): "two_call_uncond" (returns
-    U), "two_call_cond" (returns C + D / g). starts_step: this call is the first denoiser call of its step."""
-
-    kind: str
-    guidance_scale: float = 1.0
-    rescale: float = 0.0
-    starts_step: bool = True
-
-    @property
-    def halves(self) -> int:
-        return 2 if self.kind == "cfg" else 1
-
-
-def _cfg_batch_layout(pipe, caller_locals, inputs: dict, config: GuidanceConfig) -> _CallLayout:
-    """UNet and SD3 pipelines: one call per step over [uncond, cond] with CFG, over [cond] without."""
-    if not pipe.do_classifier_free_guidance:
-        return _CallLayout("cond")
-    rescale = float(getattr(pipe, "_guidance_rescale", 0.0) or 0.0)
-    return _CallLayout("cfg", float(pipe.guidance_scale), rescale)
-
-
-def _sd3_layout(pipe, caller_locals, inputs: dict, config: GuidanceConfig) -> _CallLayout:
-    # Skip-layer guidance adds a cond-only call through a transformer with some blocks skipped: not a branch the
-    # patch can merge exactly. Refused at the first call when the pipeline's frame shows it, else at that call.
-    skip = inputs.get("skip_layers")
-    if skip is None and caller_locals is not None:
-        skip = caller_locals.get("skip_guidance_layers")
-    if skip is not None:
-        raise ValueError("cgkernels.patch does not support SD3 skip-layer guidance (skip_guidance_layers="
-                         f"{list(skip)}): call the pipeline with skip_guidance_layers=None")
-    return _cfg_batch_layout(pipe, caller_locals, inputs, config)
-
-
-def _flux_layout(pipe, caller_locals, inputs: dict, config: GuidanceConfig) -> _CallLayout:
-    """Flux: one call per step over the cond rows (the distilled guidance value is an input, replicated per branch);
-    with true CFG (true_cfg_scale > 1 and a negative prompt) a second, separate call per step over the negative
-    prompt's rows, which the pipeline mixes as neg + G (cond - neg). Which call this is comes from the identity of
-    its encoder_hidden_states: the pipeline passes the same prompt_embeds / negative_prompt_embeds tensors every
-    step. A direct transformer call (no pipeline frame) is a cond call without true CFG."""
-    if caller_locals is None or not _flux_true_cfg(caller_locals):
-        if config.mode in NEEDS_UNCOND:
-            raise ValueError(
-                f"guidance={config.mode!r} needs an unconditional prediction, which a guidance-distilled Flux "
-                "model has only under true CFG: call the pipeline with true_cfg_scale > 1 and a negative_prompt"
-                + (" (without one, contrastive-cond is guidance='contrastive')"
-                   if config.mode == "contrastive-cond" else ""))
-        return _CallLayout("cond")
-    g = float(caller_locals["true_cfg_scale"])
-    text = inputs.get("encoder_hidden_states")
-    is_cond = text is caller_locals.get("prompt_embeds")
-    is_uncond = text is caller_locals.get("negative_prompt_embeds")
-    if is_cond == is_uncond:
-        raise ValueError("cannot tell the cond and uncond transformer calls of Flux true CFG apart: pass distinct "
-                         "prompt_embeds and negative_prompt_embeds tensors (identical ones make true CFG a no-op)")
-    return _CallLayout("two_call_cond" if is_cond else "two_call_uncond", g, starts_step=is_cond)
-
-
-def _flux_true_cfg(caller_locals: dict) -> bool:
-    if "do_true_cfg" not in caller_locals or "true_cfg_scale" not in caller_locals:
-        raise ValueError("cgkernels.patch cannot read true CFG (do_true_cfg, true_cfg_scale) from this diffusers "
-                         "version's Flux pipeline call; it supports the FluxPipeline loop of diffusers 0.42")
-    return bool(caller_locals["do_true_cfg"])
-
-
-@dataclass(frozen=True)
 class Denoiser:
     """Where a pipeline keeps its denoiser, the name of its batched latent input, how it wraps its output, where
-    diffusers passes the LoRA `scale`, which inputs are never batch-dim, and how a call maps onto the guidance
-    formula: the one place a model family plugs in."""
+    diffusers passes the LoRA `scale`, which inputs are never batch-dim, and the family whose calls
+    cgkernels.call_record reads: the one place a model family plugs in."""
 
     attr: str
     sample_arg: str
     make_output: Callable[[torch.Tensor], object]
+    family: str
     attention_kwargs_arg: str = "cross_attention_kwargs"
     static_args: tuple[str, ...] = ()  # not replicated per branch even if dim 0 happens to equal the batch
-    layout: Callable[..., _CallLayout] = _cfg_batch_layout
 
 
-UNET = Denoiser(attr="unet", sample_arg="sample", make_output=_unet_output)
+UNET = Denoiser(attr="unet", sample_arg="sample", make_output=_unet_output, family="unet")
 SD3_TRANSFORMER = Denoiser(attr="transformer", sample_arg="hidden_states", make_output=_transformer_output,
-                           attention_kwargs_arg="joint_attention_kwargs", layout=_sd3_layout)
+                           family="sd3", attention_kwargs_arg="joint_attention_kwargs")
 # txt_ids [T, 3] / img_ids [N, 3]: position ids, shared by every row (T may equal the batch size).
 FLUX_TRANSFORMER = Denoiser(attr="transformer", sample_arg="hidden_states", make_output=_transformer_output,
-                            attention_kwargs_arg="joint_attention_kwargs", static_args=("txt_ids", "img_ids"),
-                            layout=_flux_layout)
+                            family="flux", attention_kwargs_arg="joint_attention_kwargs",
+                            static_args=("txt_ids", "img_ids"))
 _TRANSFORMER_DENOISERS = {"SD3Transformer2DModel": SD3_TRANSFORMER, "FluxTransformer2DModel": FLUX_TRANSFORMER}
 
 
@@ -213,35 +140,22 @@ def _denoiser_of(pipe) -> Denoiser:
     return denoiser
 
 
-@dataclass(frozen=True)
-class _StepPlan:
-    """What the compiled core does in one UNet call, decided on the host. Frozen and cached per distinct value:
-    torch.compile guards on these fields, so each distinct plan (and input shape) is one graph."""
-
-    routing: SegmentRouting  # the rows each adapter mix serves
-    batch: int  # B, the pipeline's batch per CFG half
-    halves: int  # 2 with CFG ([uncond, cond]), else 1
-    blocks: tuple[int, ...] | None  # per branch: which B-row block of the input feeds it; None = not guided
-    coeffs: tuple[float, ...] = ()
-    ref_coeffs: tuple[float, ...] = ()
-    rescale: float = 0.0
-
-
 @dataclass
 class _PatchState:
-    config: GuidanceConfig
+    guidance: Guidance
+    config: GuidanceConfig  # the [start, stop) window (and, for a mode string, the mode)
     denoiser: Denoiser
     module: torch.nn.Module  # the denoiser itself (under any torch.compile wrapper): what patch / unpatch change
-    handle: object  # SegmentedLoraHandle or None when the mode needs no adapter
-    router: SegmentRouter
-    user_mix: str | None
+    handle: object  # the SegmentedLoraHandle of the module's LoRA layers
     own_forward: object  # the instance-level forward the patch displaced (None: the class's forward), to restore
     original_forward: object
     signature: inspect.Signature
     guard: AdapterGuard
+    loaded: tuple[str, ...]  # the denoiser's adapters at patch time
+    text_encoder_adapters: dict  # adapter -> the text encoders holding LoRA layers of that name
     patched_forward: object = None
-    step: int = 0
-    timesteps_ref: object = None
+    counter: StepCounter = field(default_factory=StepCounter)
+    pending: torch.Tensor | None = None  # Flux joint true CFG: the uncond call's half of the step's one call
     step_plans: dict = field(default_factory=dict)
 
 
@@ -251,7 +165,7 @@ def is_patched(pipe) -> bool:
 
 def patch(
     pipe,
-    guidance: str = "contrastive",
+    guidance: str | Guidance = "contrastive",
     positive: str | None = "pos",
     negative: str | None = "neg",
     strength: float = 1.0,
@@ -259,24 +173,38 @@ def patch(
     stop: float = 1.0,
     merge_weight: float = 0.0,
 ):
-    """Make `pipe` run preference guidance in one batched UNet / transformer pass per step (per call of Flux's
-    true CFG, which makes two). Returns `pipe`.
+    """Make `pipe` run guidance in one batched UNet / transformer pass per step (per call of Flux's true CFG,
+    which makes two). Returns `pipe`.
 
-    guidance: "contrastive" | "contrastive-cond" | "contrastive-uncond" | "pgd" | "npo" | "merged" | "cfg" (see
-        cgkernels.guidance).
-    positive / negative: names of LoRA adapters loaded with pipe.load_lora_weights(..., adapter_name=...).
-    strength s, guided window [start, stop) as fractions of the step count, NPO's merge_weight.
+    guidance: a `cgkernels.Guidance(uncond, cond, after)` built from `cgkernels.branch(prompt, **adapter_weights)`
+        terms, or a preset mode string: "contrastive" | "contrastive-cond" | "contrastive-uncond" | "pgd" | "npo" |
+        "merged" | "cfg" (see cgkernels.guidance), with:
+    positive / negative: names of LoRA adapters loaded with pipe.load_lora_weights(..., adapter_name=...);
+        positive=None in "npo" runs the base model on the cond branch (an NPO adapter alone).
+    strength s (any finite real scalar: Python, NumPy or 0-d torch), NPO's merge_weight.
+    start, stop: the guided window [start, stop) as fractions of the step count (all guidance forms).
     Adapters enter at their configured scale (set_adapters weights are ignored, except by mode "cfg"), are read
     now (patch after loading them), and only UNet / transformer adapters are branch-specific: see the module
-    docstring. The UNet / transformer may be compiled before or after patching (torch.compile(pipe.unet) or
-    pipe.unet.compile()). Flux: guidance="npo" / "contrastive-cond" / "contrastive-uncond" need true CFG (a ValueError
-    at the call says so).
+    docstring. Per prompt at call time: cross_attention_kwargs (UNet) / joint_attention_kwargs (SD3, Flux)
+    {"adapters_per_prompt": [{adapter: weight}, ...]}. The denoiser may be compiled before or after patching, in
+    any form (torch.compile(pipe.unet) assigned back, pipe.unet.compile(), a compiled forward).
     """
     check_pipeline(pipe)
     if is_patched(pipe):
         raise ValueError("this pipeline is already patched; call cgkernels.unpatch(pipe) first")
-    config = GuidanceConfig(guidance, positive, negative, strength, start, stop, merge_weight)
-    config.validate()
+    if isinstance(guidance, Guidance):
+        ignored = [name for name, value, default in (("strength", strength, 1.0), ("merge_weight", merge_weight, 0.0))
+                   if not (isinstance(value, (int, float)) and value == default)]
+        if ignored:
+            raise ValueError(f"{', '.join(ignored)} set the mode strings' presets; with a cgkernels.Guidance write "
+                             "the weights into its terms instead")
+        config = GuidanceConfig("cfg", None, None, 1.0, start, stop).validate()
+        plan_guidance = guidance
+    elif isinstance(guidance, str):
+        config = GuidanceConfig(guidance, positive, negative, strength, start, stop, merge_weight).validate()
+        plan_guidance = config.guidance()
+    else:
+        raise TypeError(f"guidance must be a mode string or a cgkernels.Guidance, got {type(guidance).__name__}")
     denoiser = _denoiser_of(pipe)
     module = unwrap_model(getattr(pipe, denoiser.attr))  # the original module under a torch.compile wrapper
     if any(getattr(module.__dict__.get(slot), "_cgkernels_patched", False) for slot in ("forward", _HOOKED_SLOT)):
@@ -285,7 +213,9 @@ def patch(
     check_offload(module, denoiser.attr)
     check_weight_hooks(module, denoiser.attr)
     slot = _forward_slot(module)
-    # The module's own forward: under accelerate's offload hook that is the one the hook calls, not the hook.
+    # The module's own forward: under accelerate's offload hook that is the one the hook calls, not the hook. A
+    # forward the user replaced (e.g. pipe.unet.forward = torch.compile(pipe.unet.forward)) is called as it is,
+    # provided it keeps the model's signature.
     original_forward = module.__dict__[slot] if slot == _HOOKED_SLOT else module.forward
     signature = inspect.signature(original_forward)
     if denoiser.sample_arg not in signature.parameters:
@@ -297,34 +227,45 @@ def patch(
         )
     check_dtype(module, denoiser.attr)
     loaded = loaded_adapters(module)
-    for adapter in config.adapters_used():
-        if adapter not in loaded:
-            raise ValueError(f"adapter {adapter!r} is not loaded on pipe.{denoiser.attr}; loaded adapters: {loaded}")
-
-    mixes = mode_mixes(config)
-    user_mix = None
-    if config.mode == "cfg":
-        active = _user_active_adapters(module)
-        if active:
-            mixes[USER], user_mix = {a: 1.0 for a in active}, USER
-    handle = attach_segmented_lora(module, mixes, user_weighted=[USER] if user_mix else ()) if mixes else None
-
+    for adapter in plan_guidance.adapters():
+        if adapter not in loaded and adapter != ACTIVE:
+            hint = (" (positive=None runs the base model on the cond branch, for an NPO adapter alone)"
+                    if isinstance(guidance, str) and guidance == "npo" and adapter == positive else "")
+            raise ValueError(f"adapter {adapter!r} is not loaded on pipe.{denoiser.attr}; loaded adapters: "
+                             f"{loaded}{hint}")
+    # The guidance's own branch mixes are stacked (and their adapters checked: DoRA, fused, ...) now; per-prompt mixes
+    # are added at the call that first uses them.
+    branch_mixes = {b.adapters: dict(b.adapters) for term in (plan_guidance.uncond, plan_guidance.cond,
+                                                              plan_guidance.after) for b in term.branches() if b.adapters}
+    handle = attach_segmented_lora(module, branch_mixes)
     state = _PatchState(
+        guidance=plan_guidance,
         config=config,
         denoiser=denoiser,
         module=module,
         handle=handle,
-        router=handle.router if handle is not None else SegmentRouter(),
-        user_mix=user_mix,
         own_forward=module.__dict__.get(slot),
         original_forward=original_forward,
         signature=signature,
-        guard=AdapterGuard(module, lora_layers(module), watch_user_settings=config.mode == "cfg", attr=denoiser.attr),
+        guard=AdapterGuard(module, lora_layers(module), watch_user_settings=ACTIVE in plan_guidance.adapters(),
+                           attr=denoiser.attr),
+        loaded=tuple(loaded),
+        text_encoder_adapters=_text_encoder_adapters(pipe),
     )
     state.patched_forward = _host_forward(pipe, state)
     setattr(module, slot, state.patched_forward)
     setattr(pipe, _STATE_ATTR, state)
     return pipe
+
+
+def _text_encoder_adapters(pipe) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        encoder = getattr(pipe, name, None)
+        if isinstance(encoder, torch.nn.Module):
+            for adapter in loaded_adapters(encoder):
+                found.setdefault(adapter, []).append(name)
+    return found
 
 
 def unpatch(pipe):
@@ -349,8 +290,7 @@ def unpatch(pipe):
         del module.__dict__["forward"]
     else:  # patched before accelerate hooked the module: the hook is to call the class's forward from now on
         setattr(module, slot, types.MethodType(type(module).forward, module))
-    if state.handle is not None:
-        state.handle.detach()
+    state.handle.detach()
     delattr(pipe, _STATE_ATTR)
     return pipe
 
@@ -367,33 +307,27 @@ def _forward_slot(module) -> str:
     return _HOOKED_SLOT if "_hf_hook" in module.__dict__ and _HOOKED_SLOT in module.__dict__ else "forward"
 
 
-def _user_active_adapters(unet) -> list[str]:
-    """Adapters active in the UNet's LoRA layers at patch time (none if LoRA is disabled)."""
-    for _, layer in lora_layers(unet):
-        if layer.disable_adapters:
-            return []
-        loaded = loaded_adapters(unet)
-        return [a for a in layer.active_adapters if a in loaded]
-    return []
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # The patched forward: an eager host part around a traceable core
 # --------------------------------------------------------------------------------------------------------------------
 # torch.compile of the patched UNet (either form) reaches `module.forward`, the host function. It is excluded from
 # tracing (`disable(recursive=False)`: this frame only), so step counting, the [start, stop) window, plan selection
 # and setting the router run eagerly on every call, CUDA-graph replays included. Its one traced callee is the core,
-# which reads only its arguments and the router: one graph per distinct step plan and input shape. The host frame
-# calls nothing else that is not itself disabled (a callee frame would be traced and guard on the step counter).
+# which reads only its arguments and the router: one graph per distinct step plan and input shape (and, for Flux's
+# joint true CFG, `_pending_half`, a one-view graph of the second call). The host frame calls nothing else that is
+# not itself disabled (a callee frame would be traced and guard on the step counter).
 def _host_forward(pipe, state: _PatchState):
-    router = state.router
+    router = state.handle.router
     core = _core_forward(state.original_forward, state.denoiser.static_args)
 
     dynamo_config = torch._dynamo.config
 
     @torch.compiler.disable(recursive=False)
     def patched_forward(*args, **kwargs):
-        inputs, step_plan, return_dict = _prepare_call(pipe, state, args, kwargs)
+        inputs, step_plan, return_dict, layout = _prepare_call(pipe, state, args, kwargs)
+        if layout == "joint_uncond":  # Flux true CFG's second call: its half of the step's one batched call
+            eps, state.pending = state.pending, None
+            return _finish_call(state.denoiser, _pending_half(eps), return_dict)
         previous = router.current
         router.current = step_plan.routing
         # A step plan is host metadata: its merge coefficients, LoRA scale, batch and row offsets must reach a
@@ -408,6 +342,8 @@ def _host_forward(pipe, state: _PatchState):
         finally:
             dynamo_config.automatic_dynamic_shapes, dynamo_config.assume_static_by_default = dynamic
             router.current = previous
+        if layout == "joint_cond":  # [uncond half, cond half]: eps twice on guided steps, the base rows otherwise
+            state.pending, eps = eps.chunk(2)
         return _finish_call(state.denoiser, eps, return_dict)
 
     patched_forward._cgkernels_patched = True
@@ -417,8 +353,8 @@ def _host_forward(pipe, state: _PatchState):
 def _core_forward(original_forward, static_args: tuple[str, ...]):
     """The traceable part: expand the CFG batch to the branch rows, one denoiser call, merge the branches."""
 
-    def core(inputs: dict, plan: _StepPlan) -> torch.Tensor:
-        if plan.blocks is None:  # unguided step: the pipeline's rows through the base model
+    def core(inputs: dict, plan: StepPlan) -> torch.Tensor:
+        if plan.blocks is None:  # unguided step: the pipeline's rows (each prompt's own adapter mix only)
             return original_forward(**inputs, return_dict=False)[0]
         rows = plan.batch * plan.halves
         expanded = {k: v if k in static_args else _expand(v, rows, plan.batch, plan.blocks)
@@ -431,52 +367,102 @@ def _core_forward(original_forward, static_args: tuple[str, ...]):
     return core
 
 
+def _pending_half(eps: torch.Tensor) -> torch.Tensor:
+    """Traced (a one-view graph): a compiled denoiser's call must compile something under fullgraph=True."""
+    return eps.view(eps.shape)
+
+
 @torch.compiler.disable
 def _finish_call(denoiser: Denoiser, eps: torch.Tensor, return_dict: bool):
     return denoiser.make_output(eps) if return_dict else (eps,)
 
 
+_STEP_PLAN_CACHE_SIZE = 256
+
+
 @torch.compiler.disable
-def _prepare_call(pipe, state: _PatchState, args, kwargs) -> tuple[dict, _StepPlan, bool]:
-    """Host bookkeeping of one denoiser call: refuse adapters changed since patch time, find the pipeline whose
-    guidance settings apply (`pipe` or another pipeline sharing the denoiser), bind the inputs, tell what the call
-    is (the family's layout), count the step, choose the plan."""
+def _prepare_call(pipe, state: _PatchState, args, kwargs) -> tuple[dict, StepPlan | None, bool, str]:
+    """Host bookkeeping of one denoiser call: refuse adapters changed since patch time, read the call into a
+    CallRecord (the calling pipeline's settings and step), take the per-prompt mixes and LoRA scale out of the
+    attention kwargs, choose the step plan. Returns (inputs, plan, return_dict, the call's layout)."""
     check_offload(state.module, state.denoiser.attr)
-    caller, caller_locals = calling_pipeline_locals()
+    caller, caller_locals = calling_pipeline()
     state.guard.check(caller)
-    pipe = guidance_pipeline(pipe, caller)
     denoiser = state.denoiser
     inputs = dict(state.signature.bind(*args, **kwargs).arguments)
     return_dict = inputs.pop("return_dict", True)
-    lora_scale = _pop_lora_scale(inputs, denoiser.attention_kwargs_arg)
+    lora_scale, requested = _pop_call_options(inputs, denoiser.attention_kwargs_arg)
     if caller is None:
-        _check_direct_call(pipe, state)
-    call = denoiser.layout(pipe, caller_locals, inputs, state.config)
+        _check_direct_call(state)
+    record = read_call(guidance_pipeline(pipe, caller), caller_locals, denoiser.family, state.counter, inputs,
+                       direct=caller is None)
+    layout = record.layout
+    if layout == "joint_uncond":
+        _check_pending(state, inputs[denoiser.sample_arg])
+        return inputs, None, return_dict, layout
+    if layout == "joint_cond":  # Flux true CFG: both prompts' rows in this call, as a CFG batch [uncond, cond]
+        inputs = _joint_inputs(inputs, flux_negative_inputs(caller_locals), denoiser)
+        record = dataclasses.replace(record, layout="cfg")
     rows = inputs[denoiser.sample_arg].shape[0]
-    if rows % call.halves:
+    if rows % record.halves:
         raise ValueError(f"{denoiser.attr} batch of {rows} rows cannot be the pipeline's CFG batch [uncond, cond]")
-    batch = rows // call.halves
-
-    if caller is None:  # a direct call: every one is guided (_check_direct_call made sure the window is [0, 1))
-        guided = True
-    else:
-        step, num_steps = _current_step(pipe, state, call.starts_step)
-        guided = num_steps is None or is_guided_step(step, num_steps, state.config.start, state.config.stop)
-    key = ("base", rows) if not guided else (call, batch, lora_scale)
+    batch = rows // record.halves
+    prompt_mixes = _prompt_mixes(state, requested, batch, record)
+    guided = record.direct or record.num_steps is None or is_guided_step(
+        record.step, record.num_steps, state.config.start, state.config.stop)
+    key = (record.layout, record.guidance_scale, record.rescale, guided, batch, lora_scale, prompt_mixes)
     step_plan = state.step_plans.get(key)
     if step_plan is None:
-        if not guided:
-            step_plan = _StepPlan(state.router.plan([(rows, None)]), batch, call.halves, None)
-        else:
-            step_plan = _guided_step_plan(state, call, batch, lora_scale)
+        step_plan = _step_plan(state, record, guided, batch, lora_scale, prompt_mixes)
+        if len(state.step_plans) >= _STEP_PLAN_CACHE_SIZE:
+            state.step_plans.clear()
         state.step_plans[key] = step_plan
-    return inputs, step_plan, return_dict
+    return inputs, step_plan, return_dict, layout
 
 
-def _check_direct_call(pipe, state: _PatchState) -> None:
+def _joint_inputs(inputs: dict, negative: dict, denoiser: Denoiser) -> dict:
+    """The cond call's inputs as the CFG batch [uncond x B, cond x B]: the negative prompt's embeddings on the
+    uncond rows, every other batch-dim input (latents, timestep, guidance) twice; position ids stay shared."""
+    rows = inputs[denoiser.sample_arg].shape[0]
+    joint = {}
+    for name, value in inputs.items():
+        if name in denoiser.static_args or not isinstance(value, torch.Tensor) or value.dim() == 0 or (
+                value.shape[0] != rows):
+            joint[name] = value
+        else:
+            joint[name] = torch.cat([negative.get(name, value), value])
+    return joint
+
+
+def _check_pending(state: _PatchState, sample: torch.Tensor) -> None:
+    pending = state.pending
+    if pending is None or pending.shape != sample.shape:
+        raise ValueError("a Flux true-CFG uncond transformer call came without the step's cond call before it (or "
+                         "with other inputs); cgkernels runs both in the cond call and expects the FluxPipeline loop")
+
+
+def _step_plan(state: _PatchState, record: CallRecord, guided: bool, batch: int, lora_scale: float,
+               prompt_mixes: tuple[Mix, ...]) -> StepPlan:
+    """The plan of one kind of call (built once per distinct key: _prepare_call caches them). Guidance that a call
+    cannot run is refused whether or not its step is in the window: outside it the call would silently differ."""
+    guidance = state.guidance
+    if state.denoiser.family == "flux" and record.layout == "cond" and guidance.name in NEEDS_UNCOND:
+        raise ValueError(
+            f"guidance={guidance.name!r} needs an unconditional prediction, which a guidance-distilled Flux "
+            "model has only under true CFG: call the pipeline with true_cfg_scale > 1 and a negative_prompt"
+            + (" (without one, contrastive-cond is guidance='contrastive')"
+               if guidance.name == "contrastive-cond" else ""))
+    guided_plan = build_step_plan(guidance, record.layout, record.guidance_scale, record.rescale, batch,
+                                  lora_scale, prompt_mixes)
+    plan = guided_plan if guided else build_step_plan(None, record.layout, record.guidance_scale, record.rescale,
+                                                      batch, lora_scale, prompt_mixes)
+    state.handle.add_mixes(plan.routing.mixes)  # stacked on the host, before any traced call routes to them
+    return dataclasses.replace(plan, routing=state.handle.router.intern(plan.routing))
+
+
+def _check_direct_call(state: _PatchState) -> None:
     """A call of the patched denoiser from the user's own loop, not from a pipeline call: steps are counted per
-    pipeline call, so such a call cannot place itself in a narrower [start, stop) window, and the guidance settings
-    it uses are the pipeline's (set by its last call)."""
+    pipeline call, so such a call cannot place itself in a narrower [start, stop) window."""
     attr, config = state.denoiser.attr, state.config
     if (config.start, config.stop) != (0.0, 1.0):
         raise ValueError(
@@ -484,73 +470,59 @@ def _check_direct_call(pipe, state: _PatchState) -> None:
             f"[start, stop) = [{config.start}, {config.stop}) window. Call the pipeline, or patch with start=0, stop=1 "
             "to guide every direct call"
         )
-    if getattr(pipe, "_guidance_scale", None) is None:
-        raise ValueError(
-            f"pipe.{attr} was called directly before any call of the pipeline: a direct call uses the pipeline's "
-            "guidance settings (guidance_scale, and CFG on when it is > 1), set by a pipeline call (or by "
-            "pipe._guidance_scale = g)"
-        )
 
 
-def _guided_step_plan(state: _PatchState, call: _CallLayout, batch: int, lora_scale: float) -> _StepPlan:
-    plan = _row_plan(state, call.kind, call.guidance_scale)
-    return _StepPlan(
-        routing=state.router.plan(plan.routing(batch), lora_scale),
-        batch=batch,
-        halves=call.halves,
-        blocks=tuple(plan.input_blocks(call.kind == "cfg")),
-        coeffs=tuple(plan.coeffs),
-        ref_coeffs=tuple(plan.ref_coeffs),
-        rescale=call.rescale if call.kind == "cfg" else 0.0,
-    )
-
-
-def _current_step(pipe, state: _PatchState, starts_step: bool = True) -> tuple[int, int | None]:
-    """(k, N): the scheduler step of this denoiser call and the pipeline's number of scheduler steps.
-
-    A scheduler of order 2 (Heun, KDPM2) makes two UNet calls per step, and its timesteps list holds them all.
-    starts_step=False: a second call of the same step (Flux true CFG's uncond call) is not counted again."""
-    timesteps = getattr(pipe.scheduler, "timesteps", None)
-    if timesteps is not state.timesteps_ref:  # a new pipeline call set new timesteps
-        state.timesteps_ref = timesteps  # keeping the reference also keeps its id from being reused
-        state.step = 0
-    if not starts_step:
-        if state.step == 0:
-            raise ValueError("a Flux true-CFG uncond transformer call came before the step's cond call")
-        return _step_of(pipe, state.step - 1)
-    call = state.step
-    state.step += 1
-    return _step_of(pipe, call)
-
-
-def _step_of(pipe, call: int) -> tuple[int, int | None]:
-    order = int(getattr(pipe.scheduler, "order", 1) or 1)
-    num_calls = getattr(pipe, "_num_timesteps", None)
-    return call // order, None if num_calls is None else -(-num_calls // order)
-
-
-def _pop_lora_scale(inputs: dict, arg: str) -> float:
-    """Take diffusers' LoRA `scale` out of cross_attention_kwargs (UNet) / joint_attention_kwargs (SD3, Flux): the
-    segmented layers apply it per routing, and the model's own handling would rewrite peft's `scaling` of the
-    active adapters during the call."""
+def _pop_call_options(inputs: dict, arg: str) -> tuple[float, object]:
+    """Take diffusers' LoRA `scale` and the per-prompt adapter mixes out of cross_attention_kwargs (UNet) /
+    joint_attention_kwargs (SD3, Flux), before any attention processor sees them: the segmented layers apply both
+    per routing, and the model's own handling of `scale` would rewrite peft's `scaling` during the call."""
     kwargs = inputs.get(arg)
-    if not kwargs or "scale" not in kwargs:
-        return 1.0
+    if not kwargs or ("scale" not in kwargs and PER_PROMPT_KEY not in kwargs):
+        return 1.0, None
     kwargs = dict(kwargs)
-    scale = kwargs.pop("scale")
+    scale = kwargs.pop("scale", 1.0)
+    requested = kwargs.pop(PER_PROMPT_KEY, None)
     inputs[arg] = kwargs
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"{arg}['scale'] must be a finite number, got {scale!r}")
-    return float(scale)
+    try:
+        return as_real(scale, f"{arg}['scale']"), requested
+    except TypeError as error:
+        raise ValueError(str(error)) from None
 
 
-def _row_plan(state: _PatchState, kind: str, guidance_scale: float) -> RowPlan:
-    """The mode's branches and merge coefficients for one kind of call (built once per step plan: _prepare_call
-    caches the step plans)."""
-    if kind in ("cfg", "cond"):
-        return row_plan(state.config, cfg=kind == "cfg", guidance_scale=guidance_scale, user_mix=state.user_mix)
-    prompt = COND if kind == "two_call_cond" else UNCOND
-    return two_call_cfg_plan(state.config, prompt=prompt, guidance_scale=guidance_scale, user_mix=state.user_mix)
+def _prompt_mixes(state: _PatchState, requested, batch: int, record: CallRecord) -> tuple[Mix, ...]:
+    """The adapter mix of each prompt of this call, from adapters_per_prompt ([{adapter: weight}, ...], one per
+    prompt; each prompt owns batch / len consecutive rows of every CFG half, its num_images_per_prompt images)."""
+    if requested is None:
+        return ((),)
+    where = f"{state.denoiser.attention_kwargs_arg}[{PER_PROMPT_KEY!r}]"
+    if not isinstance(requested, (list, tuple)):
+        raise ValueError(f"{where} must be a list with one {{adapter: weight}} dict per prompt, got "
+                         f"{type(requested).__name__}")
+    per_prompt = record.images_per_prompt
+    prompts = batch // per_prompt if per_prompt and batch % per_prompt == 0 else None
+    if not requested or (prompts is not None and len(requested) != prompts) or batch % len(requested):
+        expected = f"{prompts} (one per prompt)" if prompts is not None else f"a divisor of the batch {batch}"
+        raise ValueError(f"{where} has {len(requested)} entries; this call needs {expected}")
+    mixes = []
+    for i, weights in enumerate(requested):
+        name = f"{where}[{i}]"
+        if not isinstance(weights, dict):
+            raise ValueError(f"{name} must be a dict {{adapter: weight}}, got {type(weights).__name__}")
+        for adapter in weights:
+            if adapter not in state.loaded:
+                raise ValueError(f"{name} names adapter {adapter!r}, which is not loaded on "
+                                 f"pipe.{state.denoiser.attr}; loaded adapters: {list(state.loaded)}")
+            if adapter in state.text_encoder_adapters:
+                raise ValueError(
+                    f"{name} names adapter {adapter!r}, which also has LoRA layers on "
+                    f"{', '.join(state.text_encoder_adapters[adapter])}: one text-encoder pass cannot run a "
+                    "different adapter per prompt, so per-prompt mixes support denoiser adapters only. Load the "
+                    "adapter without its text-encoder part, or run its prompts in a call of their own")
+        try:
+            mixes.append(mix_of(weights, name))
+        except TypeError as error:
+            raise ValueError(str(error)) from None
+    return tuple(mixes)
 
 
 def _expand(value, rows: int, batch: int, blocks: tuple[int, ...]):

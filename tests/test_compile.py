@@ -179,3 +179,69 @@ def test_changed_guidance_scale_lora_scale_and_batch_recompile_under_fullgraph()
             _assert_close(run(**kwargs), expected)
         assert _graph_breaks() == 0, dict(counters["graph_break"])
         assert _graphs() == len(calls)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ["patch_then_assign_wrapper", "assign_wrapper_then_patch", "patch_then_in_place",
+                                   "compiled_forward_then_patch"])
+def test_every_compile_order_with_a_window(order):
+    """The issue's order first: patch(start=0.34), then diffusers' documented `pipe.unet = torch.compile(pipe.unet,
+    fullgraph=True)` (before: "pipe.unet was called directly"). Every order gives the eager patched result with the
+    [start, stop) window counted from the pipeline call, without graph breaks, one graph per plan."""
+    pipe = _pipe("sd15")
+    window = dict(guidance="contrastive", strength=1.5, start=0.34)
+    cgkernels.patch(pipe, **window)
+    eager = _run(pipe, steps=3)  # step 0 unguided, steps 1-2 guided
+    cgkernels.unpatch(pipe)
+    module = pipe.unet
+    with _fresh_dynamo():
+        if order == "patch_then_assign_wrapper":
+            cgkernels.patch(pipe, **window)
+            pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend="eager")
+        elif order == "assign_wrapper_then_patch":
+            pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend="eager")
+            cgkernels.patch(pipe, **window)
+        elif order == "patch_then_in_place":
+            cgkernels.patch(pipe, **window)
+            pipe.unet.compile(fullgraph=True, backend="eager")
+        else:  # a compiled forward keeps the UNet's signature: the patch calls it as the model's forward
+            module.forward = torch.compile(module.forward, fullgraph=True, backend="eager")
+            cgkernels.patch(pipe, **window)
+        try:
+            _assert_close(_run(pipe, steps=3), eager)
+            _assert_close(_run(pipe, steps=3), eager)  # a second pipeline call counts its steps afresh
+            assert _graph_breaks() == 0, dict(counters["graph_break"])
+            if order != "compiled_forward_then_patch":  # (there dynamo compiles the model's forward per call shape)
+                assert _graphs() == 2  # the guided plan and the unguided one
+        finally:
+            cgkernels.unpatch(pipe)
+            pipe.unet = module
+            module.__dict__.pop("forward", None)
+
+
+@pytest.mark.slow
+def test_per_prompt_mixes_compile_one_graph_per_plan():
+    """Per-prompt adapter mixes under fullgraph=True: each distinct (guidance, mixes, batch) plan is one graph, no
+    graph breaks, the eager result; repeating a call replays its graph."""
+    pipe = _pipe("sd15")
+    cgkernels.patch(pipe, guidance=cgkernels.Guidance(uncond=cgkernels.branch("uncond", neg=1.0),
+                                                      cond=cgkernels.branch("cond")))
+    calls = [[{"pos": 1.0}, {}], [{"pos": 0.5}, {"neg": 1.0}]]
+
+    def run(mixes):
+        return pipe(prompt=["a red circle", "a blue square"], num_inference_steps=1, guidance_scale=5.0,
+                    output_type="latent", generator=torch.Generator().manual_seed(0),
+                    cross_attention_kwargs={"adapters_per_prompt": mixes}).images
+
+    eager = [run(mixes) for mixes in calls]
+    module = pipe.unet
+    with _fresh_dynamo():
+        pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend="eager")
+        try:
+            for mixes, expected in zip(calls + calls, eager + eager):
+                _assert_close(run(mixes), expected)
+            assert _graph_breaks() == 0, dict(counters["graph_break"])
+            assert _graphs() == len(calls)
+        finally:
+            cgkernels.unpatch(pipe)
+            pipe.unet = module

@@ -1,41 +1,45 @@
-"""Row plans and the Modular-Diffusers guider (`ContrastiveGuidance`) against the one-pass patched UNet."""
+"""Preset merges and the Modular-Diffusers guider (`ContrastiveGuidance`) against the one-pass patched UNet."""
 import pytest
 import torch
 
 import cgkernels
-from cgkernels.guidance import COND, MODES, UNCOND, GuidanceConfig, is_guided_step, row_plan, two_call_cfg_plan
+from cgkernels.guidance import COND, MODES, UNCOND, compile_merge, is_guided_step, preset
 from cgkernels.testing import add_random_lora, fp32_merge_atol, tiny_sd_pipeline
+
 
 def test_row_counts_and_coefficients():
     expected_rows = {"contrastive": 6, "contrastive-cond": 4, "pgd": 4, "npo": 2, "merged": 2, "cfg": 2}
     for mode, rows in expected_rows.items():
-        plan = row_plan(GuidanceConfig(mode=mode, strength=2.0), cfg=True, guidance_scale=7.5, user_mix="user")
-        assert len(plan.branches) == rows, mode
+        branches, coeffs, ref_coeffs = compile_merge(preset(mode, strength=2.0), "cfg", 7.5)
+        assert len(branches) == rows, mode
         # Every mode reduces to plain CFG when all branch predictions agree: coefficients sum to 1.
-        assert sum(plan.coeffs) == pytest.approx(1.0)
-        assert sum(plan.ref_coeffs) == pytest.approx(1.0)
-        no_cfg = row_plan(GuidanceConfig(mode=mode, strength=2.0), cfg=False, guidance_scale=7.5, user_mix="user")
-        assert all(b.prompt == COND for b in no_cfg.branches)
-    pgd_full = row_plan(GuidanceConfig(mode="pgd", strength=1.0), cfg=True, guidance_scale=5.0)
-    assert [b.mix for b in pgd_full.branches] == ["positive", "positive"]  # s = 1: the base rows drop out
-    assert [b.prompt for b in pgd_full.branches] == [UNCOND, COND]
+        assert sum(coeffs) == pytest.approx(1.0)
+        assert sum(ref_coeffs) == pytest.approx(1.0)
+        if mode != "npo":  # npo needs CFG (refused without it: test_guidance_algebra)
+            no_cfg, _, _ = compile_merge(preset(mode, strength=2.0), "cond", 1.0)
+            assert all(b.prompt == COND for b in no_cfg)
+    pgd_full, _, _ = compile_merge(preset("pgd", strength=1.0), "cfg", 5.0)
+    assert [b.adapters for b in pgd_full] == [(("pos", 1.0),)] * 2  # s = 1: the base rows drop out
+    assert [b.prompt for b in pgd_full] == [UNCOND, COND]
+
 
 @pytest.mark.parametrize("mode", MODES)
 def test_two_call_cfg_plans_mix_into_the_one_call_plan(mode):
     """Flux true CFG: the pipeline mixes its uncond call U' and cond call C' as U' + g (C' - U'); with the two
     plans' coefficients that must be exactly the one-call CFG plan's coefficients per branch."""
-    config = GuidanceConfig(mode=mode, strength=1.5, merge_weight=0.25)
+    guidance = preset(mode, strength=1.5, merge_weight=0.25)
     g = 3.5
-    one_call = row_plan(config, cfg=True, guidance_scale=g, user_mix="user")
+    branches, coeffs, _ = compile_merge(guidance, "cfg", g)
     mixed = {}
-    for prompt, weight in ((UNCOND, 1.0 - g), (COND, g)):
-        plan = two_call_cfg_plan(config, prompt=prompt, guidance_scale=g, user_mix="user")
-        assert all(b.prompt == prompt for b in plan.branches) and not any(plan.ref_coeffs)
-        for branch, coeff in zip(plan.branches, plan.coeffs):
-            mixed[branch] = mixed.get(branch, 0.0) + weight * coeff
-    assert mixed == pytest.approx(dict(zip(one_call.branches, one_call.coeffs)))
+    for layout, prompt, weight in (("two_call_uncond", UNCOND, 1.0 - g), ("two_call_cond", COND, g)):
+        call_branches, call_coeffs, call_ref = compile_merge(guidance, layout, g)
+        assert all(b.prompt == prompt for b in call_branches) and not any(call_ref)
+        for b, c in zip(call_branches, call_coeffs):
+            mixed[b] = mixed.get(b, 0.0) + weight * c
+    assert mixed == pytest.approx(dict(zip(branches, coeffs)))
     with pytest.raises(ValueError, match="guidance scale > 1"):
-        two_call_cfg_plan(config, prompt=COND, guidance_scale=1.0)
+        compile_merge(guidance, "two_call_cond", 1.0)
+
 
 def test_guided_step_window_matches_diffusers_guiders():
     assert [is_guided_step(i, 10, 0.2, 0.75) for i in range(10)] == [i in range(2, 7) for i in range(10)]
@@ -84,9 +88,9 @@ def test_guider_matches_patched_unet(pipe, mode):
     assert n_branches == {"contrastive": 6, "contrastive-cond": 4, "contrastive-uncond": 4, "pgd": 4, "npo": 2}[mode]
     # The guider (one UNet call per branch) and the one-pass path (one batched call) round differently: the bound is
     # derived from the branch magnitudes and the merge coefficients, not from one CPU's observed differences.
-    plan = row_plan(GuidanceConfig(mode=mode, strength=s, merge_weight=0.3), cfg=True, guidance_scale=g)
+    _, coeffs, _ = compile_merge(preset(mode, strength=s, merge_weight=0.3), "cfg", g)
     branch_scale = torch.cat([u, c]).abs().max().item()
-    atol = fp32_merge_atol(plan.coeffs, branch_scale, rescale=phi)
+    atol = fp32_merge_atol(coeffs, branch_scale, rescale=phi)
     torch.testing.assert_close(pred, patched[:2], rtol=0, atol=atol)
     assert (pred - base_pred).abs().max() > 50 * atol  # the adapters' effect dwarfs the tolerance
     torch.testing.assert_close(patched[:2], patched[2:], rtol=0, atol=0)

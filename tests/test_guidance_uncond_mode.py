@@ -3,7 +3,8 @@ per-branch float64 reference of test_patch, and the split of published cPGD into
 guider's version is checked with the other modes in test_guidance_modes)."""
 import pytest
 
-from cgkernels.guidance import GuidanceConfig, row_plan
+from cgkernels import Guidance, branch
+from cgkernels.guidance import GuidanceConfig, compile_merge, preset
 from cgkernels.testing import add_random_lora, tiny_sd_pipeline
 from test_patch import _check
 
@@ -29,7 +30,7 @@ def test_contrastive_uncond_matches_reference(pipe, strength, rescale):
 
 def test_contrastive_uncond_needs_cfg(pipe):
     with pytest.raises(ValueError, match="guidance_scale > 1"):
-        row_plan(GuidanceConfig(mode="contrastive-uncond"), cfg=False, guidance_scale=1.0)
+        compile_merge(preset("contrastive-uncond"), "cond", 1.0)
     with pytest.raises(ValueError, match="negative adapter"):
         GuidanceConfig(mode="contrastive-uncond", negative=None).validate()
 
@@ -38,17 +39,18 @@ def test_contrastive_is_cfg_plus_its_cond_and_uncond_parts():
     """cPGD at s == base CFG + contrastive-cond at s*g + contrastive-uncond at s*(1 - g), branch by branch."""
     s, g = 1.5, 4.0
 
-    def coefficients(mode, strength):
-        plan = row_plan(GuidanceConfig(mode=mode, strength=strength), cfg=True, guidance_scale=g)
-        return {branch: c for branch, c in zip(plan.branches, plan.coeffs)}
+    def coefficients(guidance):
+        branches, coeffs, _ = compile_merge(guidance, "cfg", g)
+        return dict(zip(branches, coeffs))
 
-    whole = coefficients("contrastive", s)
-    cond, uncond = coefficients("contrastive-cond", s * g), coefficients("contrastive-uncond", s * (1 - g))
-    base = coefficients("cfg", 1.0)
+    whole = coefficients(preset("contrastive", strength=s))
+    cond = coefficients(preset("contrastive-cond", strength=s * g))
+    uncond = coefficients(preset("contrastive-uncond", strength=s * (1 - g)))
+    base = coefficients(Guidance(branch("uncond"), branch("cond")))
     parts = {}
     for plan, sign in ((cond, 1), (uncond, 1), (base, -1)):
-        for branch, c in plan.items():
-            parts[branch] = parts.get(branch, 0.0) + sign * c
+        for b, c in plan.items():
+            parts[b] = parts.get(b, 0.0) + sign * c
     assert set(whole) == {b for b, c in parts.items() if c != 0.0}
-    for branch, c in whole.items():
-        assert parts[branch] == pytest.approx(c, rel=1e-12)
+    for b, c in whole.items():
+        assert parts[b] == pytest.approx(c, rel=1e-12)

@@ -348,8 +348,8 @@ def test_eager_launch_validated_once_per_routing_and_shape(monkeypatch):
     import cgkernels.lora_layers as layers_module
 
     calls = []
-    validate = layers_module._validate_tensors
-    monkeypatch.setattr(layers_module, "_validate_tensors", lambda *a: calls.append(1) or validate(*a))
+    prepare = layers_module.prepare_multi_lora_linear
+    monkeypatch.setattr(layers_module, "prepare_multi_lora_linear", lambda *a: calls.append(1) or prepare(*a))
     net = make_net()
     handle = attach_segmented_lora(net, MIXES)
     fused_layers = 3  # proj_in (1x1 conv), to_q, to_out; the 3x3 conv runs the per-segment fallback

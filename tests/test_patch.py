@@ -8,12 +8,13 @@ Adapters have lora_alpha != rank, so peft's scaling is part of every comparison.
 import contextlib
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 import cgkernels
-from cgkernels.guidance import GuidanceConfig, row_plan
+from cgkernels.guidance import compile_merge, preset
 from cgkernels.testing import add_random_lora, fp32_merge_atol, tiny_sd_pipeline
 
 PROMPTS = ["a red circle", "a blue square at the top left"]
@@ -148,11 +149,13 @@ def _atol(pipe, ref, patch_kwargs, call_kwargs) -> float:
     mode's merge coefficients); a scheduler step adds the prediction scaled by at most max(1, init_noise_sigma)
     (Euler / Heun: sigma_max ~ 15, PNDM: 1); the calls' differences may add up."""
     g = call_kwargs.get("guidance_scale", 5.0)
-    config = GuidanceConfig(patch_kwargs["guidance"], strength=patch_kwargs.get("strength", 1.0),
-                            merge_weight=patch_kwargs.get("merge_weight", 0.0))
-    plan = row_plan(config, cfg=g > 1, guidance_scale=g, user_mix="user")
+    guidance = patch_kwargs["guidance"]
+    if isinstance(guidance, str):
+        guidance = preset(guidance, strength=patch_kwargs.get("strength", 1.0),
+                          merge_weight=patch_kwargs.get("merge_weight", 0.0))
+    _, coeffs, _ = compile_merge(guidance, "cfg" if g > 1 else "cond", g)
     sigma = max(1.0, float(pipe.scheduler.init_noise_sigma))
-    return ref.unet_calls * sigma * fp32_merge_atol(plan.coeffs, ref.branch_scale,
+    return ref.unet_calls * sigma * fp32_merge_atol(coeffs, ref.branch_scale,
                                                      rescale=call_kwargs.get("guidance_rescale", 0.0))
 
 @contextlib.contextmanager
@@ -375,6 +378,12 @@ def test_bad_inputs(pipe):
         cgkernels.patch(pipe, guidance="magic")
     with pytest.raises(ValueError, match="supports"):
         cgkernels.patch(object())
+    with pytest.raises(ValueError, match="finite"):
+        cgkernels.patch(pipe, strength=torch.tensor(float("nan")))
+    with pytest.raises(ValueError, match="real"):
+        cgkernels.patch(pipe, strength=1j)
+    with pytest.raises(ValueError, match=r"'nope' is not loaded.*positive=None runs the base model on the cond"):
+        cgkernels.patch(pipe, guidance="npo", positive="nope")  # e.g. an NPO adapter loaded alone
     cgkernels.patch(pipe)
     with pytest.raises(ValueError, match="already patched"):
         cgkernels.patch(pipe)
@@ -439,3 +448,24 @@ def test_direct_denoiser_calls_are_guided_or_refused():
             pipe.unet(sample, 10, encoder_hidden_states=text)
     finally:
         cgkernels.unpatch(pipe)
+
+
+def test_npo_without_cfg_is_refused_not_silently_base(pipe):
+    """npo acts through the unconditional branch: at guidance_scale=1 it would give the base model bit for bit."""
+    cgkernels.patch(pipe, guidance="npo", strength=np.float32(2.0))
+    try:
+        with pytest.raises(ValueError, match="guidance='npo' acts through the unconditional branch"):
+            _run(pipe, guidance_scale=1.0, num_inference_steps=1)
+    finally:
+        cgkernels.unpatch(pipe)
+
+
+def test_numpy_and_torch_scalar_strengths_equal_python_floats(pipe):
+    outputs = []
+    for strength in (2.0, np.float32(2.0), torch.tensor(2.0)):
+        cgkernels.patch(pipe, guidance="contrastive", strength=strength, start=np.float64(0.0))
+        try:
+            outputs.append(_run(pipe, num_inference_steps=1))
+        finally:
+            cgkernels.unpatch(pipe)
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])

@@ -3,7 +3,7 @@ adapters loaded, deleted, fused, edited or re-weighted after `patch`, other pipe
 unsupported dtypes and pipeline classes."""
 import pytest
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
 import cgkernels
 from cgkernels.testing import FP32_UNET_REL, add_random_lora, tiny_sd_pipeline
@@ -111,12 +111,20 @@ def test_pipeline_sharing_the_patched_unet_uses_its_own_guidance_settings(pipe):
     with_pipes_scale = img2img(**{**call, "guidance_scale": 3.0}, generator=torch.Generator().manual_seed(0)).images
     assert (with_pipes_scale - expected).abs().max() > 1e-2  # the guidance scale matters
 
-    class CustomPipeline(StableDiffusionPipeline):  # may call the UNet its own way: refused by name
+    class SamePipeline(StableDiffusionPipeline):  # keeps the parent's denoising loop: accepted
         pass
 
+    class CustomPipeline(StableDiffusionPipeline):  # its own __call__ may call the UNet its own way: refused
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs)
+
+    same = SamePipeline(**pipe.components)
+    same.set_progress_bar_config(disable=True)
+    _run(same)
     custom = CustomPipeline(**pipe.components)
     custom.set_progress_bar_config(disable=True)
-    with pytest.raises(ValueError, match="called by another pipeline; cgkernels supports .*got CustomPipeline"):
+    with pytest.raises(ValueError, match="called by another pipeline; cgkernels supports subclasses of "
+                                         "StableDiffusionPipeline that keep its __call__.*CustomPipeline"):
         _run(custom)
     cgkernels.unpatch(pipe)
 
@@ -128,10 +136,13 @@ def test_unsupported_dtype_and_pipeline_refused_at_patch_time():
     assert "forward" not in pipe.unet.__dict__
 
     class CustomPipeline(StableDiffusionPipeline):
-        pass
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs)
 
-    with pytest.raises(ValueError, match="supports StableDiffusionPipeline.*; got CustomPipeline"):
+    with pytest.raises(ValueError, match="keep its __call__.*CustomPipeline gets its __call__ from CustomPipeline"):
         cgkernels.patch(CustomPipeline(**pipe.to(torch.float32).components))
+    with pytest.raises(ValueError, match="supports StableDiffusionPipeline.*; got DiffusionPipeline"):
+        cgkernels.patch(DiffusionPipeline())
 
 
 def test_diffusers_layerwise_casting_is_refused_at_patch_time():

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import cgkernels
-from cgkernels.guidance import COND, UNCOND, GuidanceConfig, row_plan, two_call_cfg_plan
+from cgkernels.guidance import compile_merge, preset
 from cgkernels.testing import (
     FLUX_LORA_TARGETS,
     SD3_LORA_TARGETS,
@@ -80,11 +80,9 @@ def _atol(pipe, ref, mode, call, **patch_kwargs) -> float:
     """Each transformer call's merged prediction may differ by fp32_merge_atol (branch magnitudes, the mode's
     coefficients of the whole CFG formula); a flow-matching Euler step adds it times |dt| <= 1; the calls'
     differences may add up."""
-    config = GuidanceConfig(mode, strength=patch_kwargs.get("strength", 1.0),
-                            merge_weight=patch_kwargs.get("merge_weight", 0.0))
     cfg, g = _cfg_scale(pipe, call)
-    plan = row_plan(config, cfg=cfg, guidance_scale=g, user_mix="user")
-    return ref.calls * fp32_merge_atol(plan.coeffs, ref.branch_scale)
+    _, coeffs, _ = compile_merge(_preset(mode, **patch_kwargs), "cfg" if cfg else "cond", g)
+    return ref.calls * fp32_merge_atol(coeffs, ref.branch_scale)
 
 
 @contextlib.contextmanager
@@ -114,10 +112,12 @@ def _check(pipe, mode, call, rows=None, **patch_kwargs):
     return out
 
 
+def _preset(mode, **patch_kwargs):
+    return preset(mode, strength=patch_kwargs.get("strength", 1.0), merge_weight=patch_kwargs.get("merge_weight", 0.0))
+
+
 def _branches(mode, *, cfg, g=1.0, **patch_kwargs) -> int:
-    config = GuidanceConfig(mode, strength=patch_kwargs.get("strength", 1.0),
-                            merge_weight=patch_kwargs.get("merge_weight", 0.0))
-    return len(row_plan(config, cfg=cfg, guidance_scale=g, user_mix="user").branches)
+    return len(compile_merge(_preset(mode, **patch_kwargs), "cfg" if cfg else "cond", g)[0])
 
 
 @pytest.mark.parametrize("mode", ALL_MODES)
@@ -136,16 +136,24 @@ def test_flux_mode_on_the_conditional_row(pipes, mode):
     assert rows == [{"contrastive": 3, "pgd": 2, "merged": 1, "cfg": 1}[mode]] * STEPS
 
 
+@pytest.mark.parametrize("joint", [True, False])
 @pytest.mark.parametrize("mode", ALL_MODES)
-def test_flux_true_cfg_every_mode_in_the_pipelines_two_calls(pipes, mode):
-    """true_cfg_scale > 1 with a negative prompt: the pipeline's cond call runs the mode's branches at the prompt
-    (C + D / G), its uncond call those at the negative prompt (U); the pipeline's mix gives the mode's formula."""
+def test_flux_true_cfg_every_mode(pipes, mode, joint, monkeypatch):
+    """true_cfg_scale > 1 with a negative prompt. Joint (the default): the pipeline's cond call runs every branch of
+    both prompts in one batched transformer call and its uncond call returns its half without running the
+    transformer: one call per step. Two calls (the fallback): the cond call runs the mode's branches at the prompt
+    (C + D / G), the uncond call those at the negative prompt (U). The pipeline's mix gives the mode's formula."""
+    import cgkernels.call_record
+
+    monkeypatch.setattr(cgkernels.call_record, "JOINT_TRUE_CFG", joint)
     pipe, rows = pipes["flux"], []
     _check(pipe, mode, _call(pipe, **TRUE_CFG), rows, **PATCH)
-    config = GuidanceConfig(mode, **PATCH)
-    per_call = [len(two_call_cfg_plan(config, prompt=p, guidance_scale=3.0, user_mix="user").branches)
-                for p in (COND, UNCOND)]
-    assert rows == per_call * STEPS
+    if joint:
+        assert rows == [len(compile_merge(_preset(mode, **PATCH), "cfg", 3.0)[0])] * STEPS
+    else:
+        per_call = [len(compile_merge(_preset(mode, **PATCH), layout, 3.0)[0])
+                    for layout in ("two_call_cond", "two_call_uncond")]
+        assert rows == per_call * STEPS
 
 
 def test_sd3_without_cfg_drops_uncond_rows_and_lora_scale_applies(pipes):
@@ -183,8 +191,8 @@ def test_img2img_window_and_batch(pipes, family):
     n = img2img.num_timesteps
     assert 2 < n < 6  # shortened by img2img
     guided = [int(0.25 * n) <= i < int(0.75 * n) for i in range(n)]
-    per_step = {"sd3": lambda g: [4 * (6 if g else 2)], "flux": lambda g: [4 * (3 if g else 1)] * 2}[family]
-    assert rows == [r for g in guided for r in per_step(g)]
+    # one call per step over both prompts (Flux under true CFG too: the step's first call runs them all)
+    assert rows == [4 * (6 if g else 2) for g in guided]
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
@@ -223,10 +231,11 @@ def test_refused_modes_and_pipelines(pipes):
     finally:
         cgkernels.unpatch(sd3)
 
-    class CustomFlux(FluxPipeline):  # a subclass may call its transformer differently
-        pass
+    class CustomFlux(FluxPipeline):  # a subclass with its own loop may call its transformer differently
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs)
 
-    with pytest.raises(ValueError, match="supports .*FluxPipeline.*got CustomFlux"):
+    with pytest.raises(ValueError, match="subclasses of FluxPipeline that keep its __call__.*CustomFlux"):
         cgkernels.patch(CustomFlux(**flux.components))
     cgkernels.patch(flux, guidance="pgd")
     try:  # a pipeline of an unsupported class calling the patched transformer
@@ -255,12 +264,17 @@ def test_refused_modes_and_pipelines(pipes):
         sd3.transformer.set_adapters(["pos", "neg"])
 
 
-def test_compiled_flux_transformer_has_no_graph_breaks(pipes):
+@pytest.mark.parametrize("joint", [True, False])
+def test_compiled_flux_transformer_has_no_graph_breaks(pipes, joint, monkeypatch):
     """torch.compile(pipe.transformer, fullgraph=True) after patching: the host part (which call of true CFG this
-    is, step counting) stays eager, the core traces whole, one graph per step plan (the cond and uncond calls)."""
+    is, step counting) stays eager, the core traces whole, one graph per step plan (joint: the one call per step,
+    plus a one-view graph returning the uncond call's half; two calls: the cond and the uncond call)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
+    import cgkernels.call_record
+
+    monkeypatch.setattr(cgkernels.call_record, "JOINT_TRUE_CFG", joint)
     pipe = pipes["flux"]
     module = pipe.transformer
     call = _call(pipe, num_inference_steps=2, **TRUE_CFG)
@@ -272,6 +286,7 @@ def test_compiled_flux_transformer_has_no_graph_breaks(pipes):
         pipe.transformer = torch.compile(module, fullgraph=True, backend="eager")
         compiled = _run(pipe, call)
         assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+        # joint: the one call per step, and the uncond call's one-view graph that hands out its half
         assert counters["stats"]["unique_graphs"] == 2
         scale = eager.abs().max().item()
         torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5 * scale)  # the same kernels, reassociated

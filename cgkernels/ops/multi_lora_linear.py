@@ -36,8 +36,8 @@ except ImportError:  # torch backend only
     tl = None
 
 __all__ = [
-    "multi_lora_linear", "multi_lora_linear_reference", "planned_multi_lora_linear", "KernelConfig", "KERNEL_CONFIGS",
-    "force_kernel_config",
+    "multi_lora_linear", "multi_lora_linear_reference", "planned_multi_lora_linear", "prepare_multi_lora_linear",
+    "SegmentPlan", "KernelConfig", "KERNEL_CONFIGS", "force_kernel_config", "MAX_TRITON_RANK",
 ]
 
 IntSequence = Union[Sequence[int], torch.Tensor]
@@ -852,6 +852,23 @@ def _resolve_backend(backend: str, x: torch.Tensor) -> str:
             raise ValueError("backend='triton' with CUDA tensors cannot run while TRITON_INTERPRET=1")
         return backend
     raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+
+
+# The largest stacked adapter rank the Triton kernels are compiled and checked for (tests/test_triton_compile.py:
+# the pre-pass at rank 128). Callers with wider stacks (several adapters concatenated along the rank) use the torch
+# backend or their own per-segment path.
+MAX_TRITON_RANK = 128
+
+
+def prepare_multi_lora_linear(x2, weight, bias, lora_a, lora_b, seg_indptr, seg_adapter, seg_scale=None, *,
+                              backend: str = "auto") -> tuple[SegmentPlan, str]:
+    """Validate the operands and segment metadata of one fused call and resolve the backend, once: returns the
+    (SegmentPlan, backend) that `planned_multi_lora_linear` takes. Callers that repeat the same routing and shapes
+    every step (the segmented LoRA layers) prepare once per routing and input, then call the planned op."""
+    _validate_tensors(x2, weight, bias, lora_a, lora_b)
+    plan = _validate_segments(seg_indptr, seg_adapter, seg_scale, x2.reshape(-1, weight.shape[1]).shape[0],
+                              lora_a.shape[0])
+    return plan, _resolve_backend(backend, x2)
 
 
 def multi_lora_linear(
