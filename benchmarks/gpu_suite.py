@@ -20,6 +20,8 @@ Order (the first GPU minutes go to what matters most; STAGES holds each stage's 
                       references, on the device
   unet-step           one contrastive (6-row) UNet step, SD1.5 512^2 and SDXL 1024^2, fp16: base-only, naive
                       sequential, peft mixed batch, cgkernels eager (with the merge that ran: extension or reference)
+  adapter-mix         a different LoRA per prompt: 8 prompts with 1, 3, 8 distinct LoRAs in one CFG step (one call,
+                      adapters_per_prompt) against peft's mixed batch, one call per adapter, one per prompt, base-only
   extras              end-to-end sampling (30 steps) and one joint training step
   unet-compiled       the patched UNet under torch.compile(fullgraph=True) (inductor: the longest compile, so late)
   cuda-tests          the op test files' CUDA cases through pytest (own timeout; output streamed to OUT/cuda-tests.log)
@@ -29,7 +31,7 @@ counts from gpu_suite.sh's start, the wheel install included; no stage starts wi
 each stage's timeout is cut to what is left. Estimated on an H100 (16 cores; not yet measured): wheel install 10-20
 s, env 5-10 s, build 40-90 s in the background, kernel-bench 60-120 s (autotuning ~30 layer keys, outside the
 timings), merge-bandwidth 10-20 s, kernel-correctness 60-100 s (about 40 Triton compiles), extension-correctness
-15-25 s, unet-step 40-80 s, extras 30-60 s, unet-compiled 20-120 s, cuda-tests whatever is left.
+15-25 s, unet-step 40-80 s, adapter-mix 20-40 s, extras 30-60 s, unet-compiled 20-120 s, cuda-tests whatever is left.
 
 Timings (gpu_suite_stages.time_call): the median, min and max of >= 5 windows per timer ("events": CUDA events
 around a window of eager calls; "graph": CUDA-graph replays of the same calls; "wall" on the CPU rehearsal), input
@@ -82,10 +84,10 @@ STAGES = (
     Stage("kernel-correctness", 120, 90),
     Stage("extension-correctness", 60, 60, needs_build=True),
     Stage("unet-step", 110, 90, needs_build=True),
+    Stage("adapter-mix", 60, 60, needs_build=True),
     Stage("extras", 90, 60, needs_build=True),
     Stage("unet-compiled", 120, 60, needs_build=True),
     Stage("cuda-tests", 150, 60, needs_build=True),
-    Stage("adapter-mix", 60, 60, needs_build=True),
 )
 BUILD_TIMEOUT_S = 240
 GPU_BUDGET_S = 530  # a 600 s call: minus the machine's own margin and the results' copy

@@ -817,7 +817,7 @@ def stage_adapter_mix(ctx):
     import test_bench_adapter_mix as mix
 
     pipe, sample, text, t = mix.setup(str(ctx.device), tiny=ctx.rehearsal)
-    key = "gpu_us" if ctx.device.type == "cuda" else "host_us"
+    ratios = {f"cgkernels_vs_{other}": ("cgkernels", other) for other in mix.VARIANTS[1:]}
     for distinct in mix.DISTINCT:
         outputs, times = {}, {}
         for variant in mix.VARIANTS:
@@ -825,8 +825,8 @@ def stage_adapter_mix(ctx):
             try:
                 with torch.inference_mode():
                     outputs[variant] = run().float()
-                    timing = ctx.guarded("adapter-mix", lambda: time_call(ctx, run, graphable=False,
-                                                                          iters=1 if ctx.rehearsal else 10),
+                    timing = ctx.guarded("adapter-mix", lambda: time_call(ctx, lambda _: run(), graphable=False,
+                                                                          calls=1 if ctx.rehearsal else 10),
                                          distinct=distinct, variant=variant)
             finally:
                 if cleanup is not None:
@@ -839,10 +839,8 @@ def stage_adapter_mix(ctx):
         error = (outputs["cgkernels"] - reference).abs().max().item() / max(reference.abs().max().item(), 1e-12)
         ctx.check(error < (5e-3 if sample.dtype == torch.float16 else 1e-4), "adapter-mix-agreement",
                   distinct=distinct, relative_error=error)
-        if "cgkernels" in times:
-            ctx.record("adapter-mix-summary", distinct=distinct, **{
-                f"cgkernels_vs_{other}": round(times["cgkernels"][key] / times[other][key], 4)
-                for other in mix.VARIANTS[1:] if other in times})
+        for summary in timer_ratios(times, ratios):
+            ctx.record("adapter-mix-summary", distinct=distinct, **summary)
     del pipe
     _free(ctx)
 

@@ -40,7 +40,7 @@ import torch
 
 from cgkernels.lora_layers import ACTIVE_ADAPTERS, SegmentRouting, build_routing
 
-__all__ = ["MODES", "NEEDS_CFG", "NEEDS_UNCOND", "ACTIVE_ADAPTERS", "Branch", "Term", "branch", "Guidance",
+__all__ = ["MODES", "ADAPTER_ROLES", "NEEDS_CFG", "NEEDS_UNCOND", "ACTIVE_ADAPTERS", "Branch", "Term", "branch", "Guidance",
            "GuidanceConfig", "preset", "compile_merge", "StepPlan", "build_step_plan", "is_guided_step", "as_real",
            "combine_mixes", "mix_of", "UNCOND", "COND", "Mix"]
 
@@ -315,7 +315,8 @@ def preset(mode: str, positive: str | None = "pos", negative: str | None = "neg"
     raise ValueError(f"unknown guidance mode {mode!r}; choose one of {MODES}")
 
 
-_ROLES = {
+# Which adapter arguments (patch's positive= / negative=) each preset reads.
+ADAPTER_ROLES = {
     "contrastive": ("positive", "negative"),
     "contrastive-cond": ("positive", "negative"),
     "contrastive-uncond": ("positive", "negative"),
@@ -350,7 +351,7 @@ class GuidanceConfig:
                 raise ValueError(f"{error} (a finite number is needed)") from None
         if not 0.0 <= numbers_["start"] < numbers_["stop"] <= 1.0:
             raise ValueError(f"need 0 <= start < stop <= 1, got start={numbers_['start']}, stop={numbers_['stop']}")
-        for role in _ROLES[self.mode]:
+        for role in ADAPTER_ROLES[self.mode]:
             if getattr(self, role) is None:
                 raise ValueError(f"guidance={self.mode!r} needs a {role} adapter, got {role}=None")
         return GuidanceConfig(self.mode, self.positive, self.negative, **numbers_)

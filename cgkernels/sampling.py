@@ -27,24 +27,16 @@ from pathlib import Path
 import torch
 
 from cgkernels.cli import distributed_state, process_device
-from cgkernels.guidance import MODES
+from cgkernels.guidance import ADAPTER_ROLES, MODES
 
 __all__ = ["SampleConfig", "WorkItem", "ADAPTERS_NEEDED", "parse_seeds", "parse_strengths", "read_prompts",
            "plan_work", "load_pipeline", "load_adapters", "sample", "image_grid"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-# Which LoRA each guidance mode reads (cgkernels.guidance); "cfg" here is the base model with its adapters off,
-# the baseline of a benchmark table.
-ADAPTERS_NEEDED = {
-    "contrastive": ("positive", "negative"),
-    "contrastive-cond": ("positive", "negative"),
-    "contrastive-uncond": ("positive", "negative"),
-    "merged": ("positive", "negative"),
-    "pgd": ("positive",),
-    "npo": ("negative",),
-    "cfg": (),
-}
+# Which LoRA each method reads; "cfg" is the base model with its adapters off (patch's preset "cfg" keeps
+# whatever adapters are active), the baseline of a benchmark table.
+ADAPTERS_NEEDED = ADAPTER_ROLES
 GRID_PROMPTS = 8  # a sweep grid shows the first prompts at the first seed: a benchmark run has thousands
 
 

@@ -36,11 +36,12 @@ EXPECTED_RECORDS = {
     "kernel-correctness": {"forward": 6, "gradient": 6},
     "extension-correctness": {"extension": 1, "merge": 12, "pipeline": 2},
     "unet-step": {"unet-step": 8, "unet-step-summary": 2},
+    "adapter-mix": {"adapter-mix": 15, "adapter-mix-agreement": 3, "adapter-mix-summary": 3},
     "extras": {"end-to-end": 3, "train-step": 2},
     "unet-compiled": {"unet-compiled": 1},
     "cuda-tests": {"pytest": 1},
 }
-SUMMARY_KINDS = {"bench-summary", "unet-step-summary", "merge-bandwidth"}
+SUMMARY_KINDS = {"bench-summary", "unet-step-summary", "adapter-mix-summary", "merge-bandwidth"}
 
 
 def _rehearse(out: Path, build_mode: str, **env_extra):
