@@ -57,6 +57,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -140,8 +141,24 @@ def _git_head():
 # ----------------------------------------------------------------------------------------------------------------
 def start_session(command, **popen_kwargs) -> subprocess.Popen:
     """A child in a process session of its own, so that stop_session reaches everything it started (ninja and the
-    compilers, inductor's compile workers, pytest's children)."""
-    return subprocess.Popen(command, start_new_session=True, **popen_kwargs)
+    compilers, inductor's compile workers, pytest's children).
+
+    A SIGTERM that arrives while the child is being spawned is held until Popen returns (raised inside Popen, it
+    would leave a running child that no caller holds), then the child is stopped and the signal raised as
+    KeyboardInterrupt, as the driver's handler does."""
+    held = []
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal.signal works only there
+    if in_main_thread:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: held.append(signum))
+    try:
+        process = subprocess.Popen(command, start_new_session=True, **popen_kwargs)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    if held:
+        stop_session(process)
+        raise KeyboardInterrupt(f"signal {held[0]}")
+    return process
 
 
 def stop_session(process: subprocess.Popen) -> int:
