@@ -273,11 +273,14 @@ def _refuse_without_cfg(guidance: Guidance, guidance_scale: float) -> None:
         raise ValueError(
             f"guidance={guidance.name!r} acts through the unconditional branch of CFG; it needs guidance_scale > 1 "
             f"(got {guidance_scale}, which runs no unconditional branch and would silently give the base model)")
-    uses_uncond = [b for b in guidance.after.branches() if b.prompt == UNCOND]
-    if uses_uncond:
-        raise ValueError(
-            f"{guidance.name}: after={guidance.after!r} reads the unconditional prediction {uses_uncond[0]!r}, which "
-            f"a call without CFG does not compute (guidance_scale={guidance_scale}); use guidance_scale > 1")
+    # Without CFG the call has only the prompt's rows: an uncond branch in cond or after (the terms eps uses) would
+    # silently run at the prompt instead of the negative prompt.
+    for label, term in (("after", guidance.after), ("cond", guidance.cond)):
+        uses_uncond = [b for b in term.branches() if b.prompt == UNCOND]
+        if uses_uncond:
+            raise ValueError(
+                f"{guidance.name}: {label}={term!r} reads the unconditional prediction {uses_uncond[0]!r}, which a "
+                f"call without CFG does not compute (guidance_scale={guidance_scale}); use guidance_scale > 1")
 
 
 # ----------------------------------------------------------------------------------------------------------------
