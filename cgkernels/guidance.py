@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cgkernels.lora_layers import ACTIVE_ADAPTERS, SegmentRouting, build_routing
+from cgkernels.ops.guidance_merge import MAX_PREDS
 
 __all__ = ["MODES", "ADAPTER_ROLES", "NEEDS_CFG", "NEEDS_UNCOND", "ACTIVE_ADAPTERS", "Branch", "Term", "branch", "Guidance",
            "GuidanceConfig", "preset", "compile_merge", "StepPlan", "build_step_plan", "is_guided_step", "as_real",
@@ -397,6 +398,9 @@ def build_step_plan(guidance: Guidance | None, layout: str, guidance_scale: floa
         segments = [s for _ in range(halves) for s in block_segments(())]
         return StepPlan(build_routing(segments, lora_scale), batch, halves, None)
     branches, coeffs, ref_coeffs = compile_merge(guidance, layout, guidance_scale)
+    if len(branches) > MAX_PREDS:  # refused here, before a denoiser call over all those rows
+        raise ValueError(f"{guidance.name}: {len(branches)} distinct branches in one call; the fused guidance merge "
+                         f"takes at most {MAX_PREDS} (cgkernels.ops.guidance_merge.MAX_PREDS): {list(branches)}")
     blocks = tuple(_PROMPTS.index(b.prompt) if halves == 2 else 0 for b in branches)
     segments = [s for b in branches for s in block_segments(b.adapters)]
     return StepPlan(build_routing(segments, lora_scale), batch, halves, blocks, coeffs, ref_coeffs,

@@ -390,6 +390,26 @@ def test_uncond_branch_in_cond_without_cfg_is_refused(pipes, family):
         cgkernels.unpatch(pipe)
 
 
+def test_more_branches_than_the_merge_takes_are_refused_before_the_denoiser_runs(pipes):
+    """The fused merge takes at most MAX_PREDS (16) branch predictions: a Guidance with more distinct branches is
+    refused when its plan is built, naming the limit (before the fix: from the merge, after one denoiser call over
+    all 18 branches' rows)."""
+    from cgkernels.ops.guidance_merge import MAX_PREDS
+
+    pipe = _pipe(pipes, "sd15")
+    weights = [0.25 * i for i in range(1, MAX_PREDS // 2 + 2)]  # 9 mixes at both prompts: 18 branches
+    guidance = Guidance(sum(branch("uncond", pos=w) for w in weights), sum(branch("cond", pos=w) for w in weights))
+    rows = []
+    cgkernels.patch(pipe, guidance=guidance)
+    try:
+        with _count_calls(pipe, rows), pytest.raises(ValueError, match=f"18 distinct branches in one call; the fused "
+                                                                       f"guidance merge takes at most {MAX_PREDS}"):
+            _run(pipe, _call(pipe, ["a red circle"], num_inference_steps=1))
+    finally:
+        cgkernels.unpatch(pipe)
+    assert rows == []
+
+
 def test_preset_arguments_with_a_guidance_are_refused(pipes):
     pipe = _pipe(pipes, "sd15")
     with pytest.raises(ValueError, match="strength set the mode strings' presets"):
