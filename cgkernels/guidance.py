@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cgkernels.lora_layers import ACTIVE_ADAPTERS, SegmentRouting, build_routing
+from cgkernels.ops.guidance_merge import MAX_PREDS
 
 __all__ = ["MODES", "ADAPTER_ROLES", "NEEDS_CFG", "NEEDS_UNCOND", "ACTIVE_ADAPTERS", "Branch", "Term", "branch", "Guidance",
            "GuidanceConfig", "preset", "compile_merge", "StepPlan", "build_step_plan", "is_guided_step", "as_real",
@@ -273,11 +274,14 @@ def _refuse_without_cfg(guidance: Guidance, guidance_scale: float) -> None:
         raise ValueError(
             f"guidance={guidance.name!r} acts through the unconditional branch of CFG; it needs guidance_scale > 1 "
             f"(got {guidance_scale}, which runs no unconditional branch and would silently give the base model)")
-    uses_uncond = [b for b in guidance.after.branches() if b.prompt == UNCOND]
-    if uses_uncond:
-        raise ValueError(
-            f"{guidance.name}: after={guidance.after!r} reads the unconditional prediction {uses_uncond[0]!r}, which "
-            f"a call without CFG does not compute (guidance_scale={guidance_scale}); use guidance_scale > 1")
+    # Without CFG the call has only the prompt's rows: an uncond branch in cond or after (the terms eps uses) would
+    # silently run at the prompt instead of the negative prompt.
+    for label, term in (("after", guidance.after), ("cond", guidance.cond)):
+        uses_uncond = [b for b in term.branches() if b.prompt == UNCOND]
+        if uses_uncond:
+            raise ValueError(
+                f"{guidance.name}: {label}={term!r} reads the unconditional prediction {uses_uncond[0]!r}, which a "
+                f"call without CFG does not compute (guidance_scale={guidance_scale}); use guidance_scale > 1")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -394,6 +398,9 @@ def build_step_plan(guidance: Guidance | None, layout: str, guidance_scale: floa
         segments = [s for _ in range(halves) for s in block_segments(())]
         return StepPlan(build_routing(segments, lora_scale), batch, halves, None)
     branches, coeffs, ref_coeffs = compile_merge(guidance, layout, guidance_scale)
+    if len(branches) > MAX_PREDS:  # refused here, before a denoiser call over all those rows
+        raise ValueError(f"{guidance.name}: {len(branches)} distinct branches in one call; the fused guidance merge "
+                         f"takes at most {MAX_PREDS} (cgkernels.ops.guidance_merge.MAX_PREDS): {list(branches)}")
     blocks = tuple(_PROMPTS.index(b.prompt) if halves == 2 else 0 for b in branches)
     segments = [s for b in branches for s in block_segments(b.adapters)]
     return StepPlan(build_routing(segments, lora_scale), batch, halves, blocks, coeffs, ref_coeffs,

@@ -334,13 +334,20 @@ def _host_forward(pipe, state: _PatchState):
         # compiled core as constants (one graph per plan, as a plan's own checks and tile schedules need). Dynamo's
         # automatic dynamic would instead turn a value that changed since the last compile (another guidance scale,
         # LoRA scale or batch) into a symbol and fail on those host checks under fullgraph=True. So the core is
-        # compiled static, whatever the user's dynamic setting; eagerly these two attribute writes cost ~5 us.
-        dynamic = (dynamo_config.automatic_dynamic_shapes, dynamo_config.assume_static_by_default)
+        # compiled static, whatever the user's dynamic setting; eagerly these attribute writes cost a few us.
+        # Every plan is one compile of the core's code object, shared by every patch of this process: a few guidance
+        # scales, batches or per-prompt mixes (two plans each with a window), or patching again, pass dynamo's
+        # default of 8 compiles per code object, after which the core would run eagerly (fullgraph=True: raise
+        # FailOnRecompileLimitHit). The limit is raised for this call to _CORE_RECOMPILE_LIMIT.
+        saved = (dynamo_config.automatic_dynamic_shapes, dynamo_config.assume_static_by_default,
+                 dynamo_config.recompile_limit)
         dynamo_config.automatic_dynamic_shapes, dynamo_config.assume_static_by_default = False, True
+        dynamo_config.recompile_limit = max(saved[2], _CORE_RECOMPILE_LIMIT)
         try:
             eps = core(inputs, step_plan)
         finally:
-            dynamo_config.automatic_dynamic_shapes, dynamo_config.assume_static_by_default = dynamic
+            (dynamo_config.automatic_dynamic_shapes, dynamo_config.assume_static_by_default,
+             dynamo_config.recompile_limit) = saved
             router.current = previous
         if layout == "joint_cond":  # [uncond half, cond half]: eps twice on guided steps, the base rows otherwise
             state.pending, eps = eps.chunk(2)
@@ -378,6 +385,9 @@ def _finish_call(denoiser: Denoiser, eps: torch.Tensor, return_dict: bool):
 
 
 _STEP_PLAN_CACHE_SIZE = 256
+# Compiles of the traced core allowed per code object (dynamo's default recompile_limit is 8): one per step plan and
+# input shape. Dynamo's accumulated_recompile_limit (256 by default) still bounds the total.
+_CORE_RECOMPILE_LIMIT = 128
 
 
 @torch.compiler.disable

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from cgkernels.cli import distributed_state, process_device
-from cgkernels.guidance import ADAPTER_ROLES, MODES
+from cgkernels.guidance import ADAPTER_ROLES, MODES, NEEDS_CFG, GuidanceConfig
 
 __all__ = ["SampleConfig", "WorkItem", "ADAPTERS_NEEDED", "parse_seeds", "parse_strengths", "read_prompts",
            "plan_work", "load_pipeline", "load_adapters", "sample", "image_grid"]
@@ -91,6 +91,14 @@ class SampleConfig:
         for name in ("steps", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        try:  # what patch would refuse only once the model is loaded and sampling begins
+            GuidanceConfig("cfg", None, None, 1.0, self.start, self.stop, self.merge_weight).validate()
+        except ValueError as error:
+            raise ValueError(f"--start / --stop / --merge-weight: {error}") from None
+        no_cfg = [m for m in self.methods if m in NEEDS_CFG]
+        if no_cfg and self.guidance_scale <= 1.0:
+            raise ValueError(f"--guidance {no_cfg[0]} acts through CFG's unconditional prediction: it needs "
+                             f"--guidance-scale > 1 (got {self.guidance_scale:g}, which runs no CFG)")
         looks_local = Path(self.model).is_absolute() or self.model.startswith(".") or self.model.count("/") != 1
         if looks_local and not Path(self.model).exists():  # a hub id is "owner/name"
             raise FileNotFoundError(f"--model folder not found: {self.model}")

@@ -245,3 +245,33 @@ def test_per_prompt_mixes_compile_one_graph_per_plan():
         finally:
             cgkernels.unpatch(pipe)
             pipe.unet = module
+
+
+@pytest.mark.slow
+def test_more_step_plans_than_dynamos_recompile_limit(monkeypatch):
+    """Dynamo compiles a code object at most recompile_limit (8) times; each step plan is one compile of the core.
+    Trying nine guidance scales (or per-prompt mixes, or patching again with other guidance) on one compiled UNet
+    passes that: before the fix the 9th plan raised FailOnRecompileLimitHit under fullgraph=True (without it the
+    core silently ran eagerly from then on). The limit is lowered to 2 here to keep the test short."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    pipe = _pipe("sd15")
+    scales = [3.0, 5.0, 7.0]
+
+    def run(scale):
+        return pipe(prompt=["a red circle"], num_inference_steps=1, guidance_scale=scale, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    cgkernels.patch(pipe, guidance="contrastive", strength=1.5)
+    eager = [run(scale) for scale in scales]
+    module = pipe.unet
+    with _fresh_dynamo():
+        pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend="eager")
+        try:
+            for scale, expected in zip(scales, eager):
+                _assert_close(run(scale), expected)
+            assert _graph_breaks() == 0, dict(counters["graph_break"])
+            assert _graphs() == len(scales)  # every plan compiled, none left to run eagerly
+        finally:
+            cgkernels.unpatch(pipe)
+            pipe.unet = module
+    assert torch._dynamo.config.recompile_limit == 2  # the user's setting is back after each call

@@ -68,6 +68,12 @@ def test_refusals_without_cfg():
     for mode in ("npo", "contrastive-uncond"):  # npo without CFG would silently be the base model
         with pytest.raises(ValueError, match=f"guidance='{mode}'.*guidance_scale > 1"):
             compile_merge(preset(mode), "cond", 1.0)
+    # A cond term reading the uncond prediction: without CFG the call has only the prompt's rows, so it would
+    # silently run at the prompt (before the fix: branch("uncond", pos=1) in cond gave branch("cond", pos=1)).
+    cond_uncond = Guidance(branch("uncond"), branch("cond") + 0.5 * (branch("cond") - branch("uncond", a=1)))
+    with pytest.raises(ValueError, match=r"cond=.*reads the unconditional prediction branch\('uncond', a=1\).*"
+                                         "guidance_scale > 1"):
+        compile_merge(cond_uncond, "cond", 1.0)
     # an uncond term that CFG-off simply does not use: eps = cond + after
     branches, coeffs, _ = compile_merge(Guidance(branch("uncond", a=1), branch("cond", b=1)), "cond", 1.0)
     assert branches == branch("cond", b=1).branches() and coeffs == (1.0,)
@@ -120,7 +126,8 @@ def test_compiled_merge_equals_the_formula(guidance, g, seed):
     all_branches = {b for t in (guidance.uncond, guidance.cond, guidance.after) for b in t.branches()}
     values = {b: rng.standard_normal() for b in all_branches}
     for layout in ("cfg", "cond"):
-        if layout == "cond" and any(b.prompt == UNCOND for b in guidance.after.branches()):
+        if layout == "cond" and any(b.prompt == UNCOND for term in (guidance.cond, guidance.after)
+                                    for b in term.branches()):  # not computed without CFG: refused
             with pytest.raises(ValueError):
                 compile_merge(guidance, layout, g)
             continue

@@ -374,6 +374,42 @@ def test_distinct_mix_limit_is_a_clear_error(pipes, monkeypatch):
         cgkernels.unpatch(pipe)
 
 
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_uncond_branch_in_cond_without_cfg_is_refused(pipes, family):
+    """Without CFG (guidance_scale 1; Flux without true CFG) the call has only the prompt's rows: a cond term reading
+    branch("uncond", ...) is refused, not silently evaluated at the prompt (before the fix
+    Guidance(b(u), b(u, pos)) at guidance_scale=1 gave exactly Guidance(b(u), b(c, pos)))."""
+    pipe = _pipe(pipes, family)
+    guidance = Guidance(uncond=branch("uncond"), cond=branch("uncond", pos=1.0))
+    call = _call(pipe, ["a red circle"], num_inference_steps=1, **({} if is_flux(pipe) else {"guidance_scale": 1.0}))
+    cgkernels.patch(pipe, guidance=guidance)
+    try:
+        with pytest.raises(ValueError, match=r"cond=branch\('uncond', pos=1\) reads the unconditional prediction"):
+            _run(pipe, call)
+    finally:
+        cgkernels.unpatch(pipe)
+
+
+def test_more_branches_than_the_merge_takes_are_refused_before_the_denoiser_runs(pipes):
+    """The fused merge takes at most MAX_PREDS (16) branch predictions: a Guidance with more distinct branches is
+    refused when its plan is built, naming the limit (before the fix: from the merge, after one denoiser call over
+    all 18 branches' rows)."""
+    from cgkernels.ops.guidance_merge import MAX_PREDS
+
+    pipe = _pipe(pipes, "sd15")
+    weights = [0.25 * i for i in range(1, MAX_PREDS // 2 + 2)]  # 9 mixes at both prompts: 18 branches
+    guidance = Guidance(sum(branch("uncond", pos=w) for w in weights), sum(branch("cond", pos=w) for w in weights))
+    rows = []
+    cgkernels.patch(pipe, guidance=guidance)
+    try:
+        with _count_calls(pipe, rows), pytest.raises(ValueError, match=f"18 distinct branches in one call; the fused "
+                                                                       f"guidance merge takes at most {MAX_PREDS}"):
+            _run(pipe, _call(pipe, ["a red circle"], num_inference_steps=1))
+    finally:
+        cgkernels.unpatch(pipe)
+    assert rows == []
+
+
 def test_preset_arguments_with_a_guidance_are_refused(pipes):
     pipe = _pipe(pipes, "sd15")
     with pytest.raises(ValueError, match="strength set the mode strings' presets"):

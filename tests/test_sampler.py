@@ -147,6 +147,11 @@ def test_bad_input_is_refused_before_any_model_loads_naming_the_flag(workspace, 
         (["--guidance", "cfg", "--prompts", str(tmp_path / "nowhere.txt")], "--prompts: prompt file not found"),
         (["--guidance", "cfg", "--prompt", "x", "--seeds", "0-"], "--seeds"),
         (["--guidance", "cfg", "--prompt", "x", "--batch-size", "0"], "--batch-size must be positive"),
+        # before the fix these two raised a traceback from patch, after the model had loaded
+        (["--guidance", "cfg", "--prompt", "x", "--start", "0.8", "--stop", "0.2"],
+         "--start / --stop.*need 0 <= start < stop <= 1"),
+        (["--guidance", "npo", "--negative", str(workspace / "neg"), "--prompt", "x", "--guidance-scale", "1"],
+         "--guidance npo acts through CFG's unconditional prediction: it needs --guidance-scale > 1"),
     ]
     with pytest.raises(FileNotFoundError, match="--model folder not found"):
         sampling.SampleConfig(model=str(tmp_path / "nowhere"), prompts=["x"], methods=["cfg"]).validate()
