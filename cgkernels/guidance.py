@@ -42,7 +42,7 @@ from cgkernels.lora_layers import ACTIVE_ADAPTERS, SegmentRouting, build_routing
 from cgkernels.ops.guidance_merge import MAX_PREDS
 
 __all__ = ["MODES", "ADAPTER_ROLES", "NEEDS_CFG", "NEEDS_UNCOND", "ACTIVE_ADAPTERS", "Branch", "Term", "branch", "Guidance",
-           "GuidanceConfig", "preset", "compile_merge", "StepPlan", "build_step_plan", "is_guided_step", "as_real",
+           "GuidanceConfig", "preset", "guides_each_call_alone", "compile_merge", "StepPlan", "build_step_plan", "is_guided_step", "as_real",
            "combine_mixes", "mix_of", "UNCOND", "COND", "Mix"]
 
 MODES = ("contrastive", "contrastive-cond", "contrastive-uncond", "pgd", "npo", "merged", "cfg")
@@ -223,6 +223,15 @@ class Guidance:
     def adapters(self) -> list[str]:
         return sorted({a for term in (self.uncond, self.cond, self.after) for b in term.branches()
                        for a, _ in b.adapters})
+
+
+def guides_each_call_alone(guidance: Guidance) -> bool:
+    """Whether one call over one prompt's rows gives that prompt's guided prediction: nothing comes after CFG and the
+    uncond term is the cond term at the negative prompt (the presets contrastive, pgd, merged, cfg). Only then is a
+    loop that calls the denoiser once per prompt and mixes U + g (C - U) itself guided as the Guidance says."""
+    swapped = Term({Branch(COND, b.adapters) if b.prompt == UNCOND else Branch(UNCOND, b.adapters): c
+                    for b, c in guidance.uncond.items()})
+    return not guidance.after.items() and swapped.items() == guidance.cond.items()
 
 
 def compile_merge(guidance: Guidance, layout: str, guidance_scale: float = 1.0) -> tuple[tuple, tuple, tuple]:

@@ -71,6 +71,7 @@ from cgkernels.guidance import (
     StepPlan,
     as_real,
     build_step_plan,
+    guides_each_call_alone,
     is_guided_step,
     mix_of,
 )
@@ -420,7 +421,8 @@ def _prepare_call(pipe, state: _PatchState, args, kwargs) -> tuple[dict, StepPla
     prompt_mixes = _prompt_mixes(state, requested, batch, record)
     guided = record.direct or record.num_steps is None or is_guided_step(
         record.step, record.num_steps, state.config.start, state.config.stop)
-    key = (record.layout, record.guidance_scale, record.rescale, guided, batch, lora_scale, prompt_mixes)
+    key = (record.layout, record.direct, record.guidance_scale, record.rescale, guided, batch, lora_scale,
+           prompt_mixes)  # direct: a Flux direct call refuses guidance its pipeline's calls can run
     step_plan = state.step_plans.get(key)
     if step_plan is None:
         step_plan = _step_plan(state, record, guided, batch, lora_scale, prompt_mixes)
@@ -462,6 +464,14 @@ def _step_plan(state: _PatchState, record: CallRecord, guided: bool, batch: int,
             "model has only under true CFG: call the pipeline with true_cfg_scale > 1 and a negative_prompt"
             + (" (without one, contrastive-cond is guidance='contrastive')"
                if guidance.name == "contrastive-cond" else ""))
+    if state.denoiser.family == "flux" and record.direct and not guides_each_call_alone(guidance):
+        # The user's own loop may run true CFG as two calls (prompt, then negative prompt) and mix them itself:
+        # each call sees one prompt's rows, so only a Guidance that guides each call alone comes out as written.
+        raise ValueError(
+            f"{guidance.name}: a direct call of the patched Flux transformer (your own loop) sees one prompt's rows "
+            "per call, which guides this Guidance correctly only if its uncond term is its cond term at the negative "
+            "prompt and it has no after term; call the pipeline (true CFG runs both prompts in one batched call) or "
+            "use such a Guidance")
     guided_plan = build_step_plan(guidance, record.layout, record.guidance_scale, record.rescale, batch,
                                   lora_scale, prompt_mixes)
     plan = guided_plan if guided else build_step_plan(None, record.layout, record.guidance_scale, record.rescale,

@@ -390,6 +390,48 @@ def test_uncond_branch_in_cond_without_cfg_is_refused(pipes, family):
         cgkernels.unpatch(pipe)
 
 
+def test_direct_flux_calls_refuse_a_guidance_that_one_call_cannot_guide(pipes):
+    """A direct call of the patched Flux transformer (the user's own loop, perhaps running true CFG as two calls)
+    sees one prompt's rows: a Guidance whose uncond term is not its cond term at the negative prompt (a negative-only
+    LoRA) or that has an after term is refused there (before: the uncond term was silently ignored); presets like
+    contrastive still run, guided."""
+    from cgkernels.guidance import guides_each_call_alone, preset
+
+    pipe = _pipe(pipes, "flux")
+    captured = {}
+
+    def capture(module, args, kwargs):
+        captured.setdefault("kwargs", dict(kwargs))
+
+    hook = pipe.transformer.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        _run(pipe, _call(pipe, ["a red circle"], num_inference_steps=1))
+    finally:
+        hook.remove()
+    negative_only = Guidance(uncond=branch("uncond", neg=1.0), cond=branch("cond"))
+    after_only = Guidance(uncond=branch("uncond"), cond=branch("cond"), after=0.5 * branch("cond", pos=1.0))
+    assert not guides_each_call_alone(negative_only) and not guides_each_call_alone(after_only)
+    assert guides_each_call_alone(preset("contrastive", strength=2.0))
+    for guidance in (negative_only, after_only):
+        cgkernels.patch(pipe, guidance=guidance)
+        try:
+            _run(pipe, _call(pipe, ["a red circle"], num_inference_steps=1))  # the pipeline's own call runs
+            with pytest.raises(ValueError, match="direct call of the patched Flux transformer"), torch.no_grad():
+                pipe.transformer(**captured["kwargs"])
+        finally:
+            cgkernels.unpatch(pipe)
+    cgkernels.patch(pipe, guidance="contrastive", strength=2.0)
+    try:
+        _run(pipe, _call(pipe, ["a red circle"], num_inference_steps=1))
+        with torch.no_grad():
+            guided = pipe.transformer(**captured["kwargs"])[0]
+    finally:
+        cgkernels.unpatch(pipe)
+    with torch.no_grad():
+        base = pipe.transformer(**captured["kwargs"])[0]
+    assert guided.shape == base.shape and not torch.equal(guided, base)
+
+
 def test_more_branches_than_the_merge_takes_are_refused_before_the_denoiser_runs(pipes):
     """The fused merge takes at most MAX_PREDS (16) branch predictions: a Guidance with more distinct branches is
     refused when its plan is built, naming the limit (before the fix: from the merge, after one denoiser call over
