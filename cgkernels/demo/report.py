@@ -50,6 +50,38 @@ def format_chosen_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_ladder(ladder: list[dict]) -> str:
+    """Each adapter alone with plain CFG: the first rung; guidance only amplifies what the adapters learned."""
+    lines = ["| adapter | trained with | gain vs base CFG ± s.e. | gain / s.e. | win rate | must | as it must? |"
+             " validation gain | diversity |", "|---|---|---|---|---|---|---|---|---|"]
+    must = {1: "beat base", -1: "lose", 0: "stay level"}
+    for row in ladder:
+        ratio = row["mean_gain"] / row["gain_sem"] if row["gain_sem"] > 0 else float("nan")
+        lines.append(f"| {row['adapter']} | {row['objective']} | {row['mean_gain']:+.3f} ± {row['gain_sem']:.3f} | "
+                     f"{ratio:+.1f} | {row['win_rate']:.2f} | {must[row['expected_sign']]} | "
+                     f"{'yes' if row['as_expected'] else '**no**'} | {row['val_mean_gain']:+.3f} | {row['diversity']:.3f} |")
+    return "\n".join(lines)
+
+
+def ladder_verdict(ladder: list[dict]) -> str:
+    """The report's first sentence: whether the adapters learned the taste at all."""
+    failed = [row for row in ladder if not row["as_expected"] and row["expected_sign"] != 0]
+    null = [row for row in ladder if row["expected_sign"] == 0]
+    if failed:
+        names = ", ".join(row["adapter"] for row in failed)
+        verdict = (f"**The adapters did not learn the taste: {names} did not move the reward the way they must by "
+                   f"more than 3 s.e. Guidance amplifies what the adapters learned; here it has little to amplify.**")
+    else:
+        verdict = ("The adapters learned the taste: alone with plain CFG every positive adapter beats base CFG and "
+                   "every negative one loses, each by more than 3 s.e.")
+    if null:
+        row = null[0]
+        verdict += (f" Null test (SFT on fresh renders of the world): {row['mean_gain']:+.3f} ± {row['gain_sem']:.3f}, "
+                    + ("within 3 s.e. of zero, as it must be." if row["as_expected"] else
+                       "**more than 3 s.e. from zero: training itself moves the reward.**"))
+    return verdict
+
+
 def format_diagnosis(diagnosis: list[dict]) -> str:
     lines = ["| method | s | cond part | uncond part | whole correction | cos(d(c), d(u)) | CFG direction |"
              " cond part alone: gain (win) | uncond part alone: gain (win) |",
@@ -76,10 +108,11 @@ def gain_verdict(gain: float, sem: float) -> str:
 
 
 def write_report(out: Path, config, results, diagnosis, samples, split, timings, cpu_timings, device, *, base_cached: bool,
-                 total_seconds: float, preference_stats: dict) -> dict[str, str]:
+                 total_seconds: float, preference_stats: dict, ladder: list[dict]) -> dict[str, str]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    print("\n" + format_chosen_table(results) + "\n\n" + format_diagnosis(diagnosis) + "\n")
+    print("\n" + ladder_verdict(ladder) + "\n\n" + format_ladder(ladder) + "\n\n" + format_chosen_table(results)
+          + "\n\n" + format_diagnosis(diagnosis) + "\n")
     files = {
         "grid": str(write_grid(out / "grid.png", config, results, samples, split.evaluation)),
         "strength": str(write_strength_plot(out / "strength.png", results)),
@@ -87,9 +120,13 @@ def write_report(out: Path, config, results, diagnosis, samples, split, timings,
     machine = {
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
     }
     payload = {
         "config": asdict(config),
+        "adapters": ladder,
         "selection_rule": "per method, the strength with the largest mean paired gain over base CFG on the "
                           "validation prompts x validation seeds (ties: the smaller strength)",
         "results": results,
@@ -106,20 +143,24 @@ def write_report(out: Path, config, results, diagnosis, samples, split, timings,
     (out / "report.json").write_text(json.dumps(payload, indent=2))
     files["json"] = str(out / "report.json")
     markdown = _markdown(config, results, diagnosis, split, timings, cpu_timings, total_seconds, base_cached, machine,
-                         preference_stats)
+                         preference_stats, ladder)
     (out / "report.md").write_text(markdown)
     files["markdown"] = str(out / "report.md")
     return files
 
 
-def _markdown(config, results, diagnosis, split, timings, cpu_timings, total_seconds, base_cached, machine, stats) -> str:
+def _markdown(config, results, diagnosis, split, timings, cpu_timings, total_seconds, base_cached, machine, stats,
+              ladder) -> str:
     phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
     cpu = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in cpu_timings.items())
     g = config.guidance_scale
     return f"""# cgkernels demo report (pipeline seed {config.seed})
 
+{ladder_verdict(ladder)}
+
 Reward: the demo's hidden taste (cgkernels/demo/reward.py): prompt alignment (colour, shape, size, position, each
-in [0, 1], weight 0.5) plus aesthetics (saturation + contrast - 2 clutter). Win rate: share of (prompt, seed) pairs
+in [0, 1], weight 0.5) plus aesthetics (background tint, which no caption names, + saturation + contrast - 2
+clutter). Win rate: share of (prompt, seed) pairs
 where the method's reward beats base CFG's on the same prompt and seed (ties count half). Gain: mean over those pairs
 of (method reward - base reward), with its standard error. "beats base?" = "yes" when the gain is more than two
 standard errors above zero, "worse" when more than two below. Diversity: mean RMS pixel distance between samples of
@@ -136,7 +177,15 @@ each of {len(split.preference)} preference prompts, every two a pair); labels ag
 {stats['labels_agree_with_reward']:.0%} of them; winners / losers: reward {stats['winner_reward']:.3f} /
 {stats['loser_reward']:.3f}, alignment {stats['winner_alignment']:.3f} / {stats['loser_alignment']:.3f} (position
 {stats['winner_position']:.3f} / {stats['loser_position']:.3f}), aesthetics {stats['winner_aesthetics']:.3f} /
-{stats['loser_aesthetics']:.3f}.
+{stats['loser_aesthetics']:.3f} (tint {stats['winner_tint']:.3f} / {stats['loser_tint']:.3f}).
+
+## The ladder: each adapter alone with plain CFG
+
+Each trained adapter at scale 1 on both branches, ordinary CFG, same evaluation prompts and seeds as everything
+below. A positive adapter must beat base CFG and a negative one lose, each by more than 3 s.e., or no guidance built
+on them can work.
+
+{format_ladder(ladder)}
 
 ## Each method at its chosen strength
 
@@ -163,7 +212,8 @@ Rows: evaluation prompts (first evaluation seed); columns: base CFG and each met
 ![gain and win rate vs strength](strength.png)
 
 Wall time {total_seconds:.0f} s ({phases}; base model {'from cache' if base_cached else 'trained in this run'}),
-{machine['device']}, torch {machine['torch']}. CPU time of the process per phase (what each phase costs on an
+{machine['device']}, torch {machine['torch']}, CPU kernels {machine['cpu_capability']}, deterministic algorithms
+{'on' if machine['deterministic_algorithms'] else 'off'}. CPU time of the process per phase (what each phase costs on an
 otherwise idle machine, summed over threads): {cpu}.
 """
 
