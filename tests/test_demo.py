@@ -110,6 +110,21 @@ def test_taste_likes_one_background_tint_no_caption_names():
     assert not any(name in caption for name in world.BACKGROUNDS for caption in captions)
 
 
+def test_extreme_pairs_follow_the_annotator_not_the_taste():
+    from cgkernels.demo.runner import _all_pairs, extreme_pairs
+
+    k = 6
+    first, second = _all_pairs(2, k)
+    # the annotator prefers the lower index in prompt 0 and the higher index in prompt 1
+    labels_0 = np.where(first < k, 1.0, 0.0)
+    best, worst, labels = extreme_pairs(first, second, labels_0, 2, k, extremes=2)
+    assert sorted(zip(best.tolist(), worst.tolist())) == [(0, 4), (0, 5), (1, 4), (1, 5),
+                                                          (10, 6), (10, 7), (11, 6), (11, 7)]
+    assert (labels == 1.0).all()
+    with pytest.raises(ValueError, match="pair_extremes"):
+        extreme_pairs(first, second, labels_0, 2, k, extremes=4)
+
+
 def test_ladder_needs_three_standard_errors():
     assert ladder_as_expected(0.31, 0.1, +1) and not ladder_as_expected(0.29, 0.1, +1)
     assert ladder_as_expected(-0.31, 0.1, -1) and not ladder_as_expected(0.5, 0.1, -1)
@@ -237,7 +252,9 @@ def test_quick_demo_writes_the_report(quick_demo):
     for key in ("cond_alone_gain", "uncond_alone_gain", "cond_alone_win_rate", "uncond_alone_win_rate"):
         assert math.isfinite(diagnosis["contrastive"][key])
     pairs = report["preference_data"]["pairs"]
-    assert pairs == config.n_pair_prompts * config.samples_per_prompt * (config.samples_per_prompt - 1) // 2
+    ranked = config.samples_per_prompt + config.pair_renders
+    per_prompt = config.pair_extremes ** 2 if config.pair_extremes else ranked * (ranked - 1) // 2
+    assert pairs == config.n_pair_prompts * per_prompt
 
     markdown = (quick_demo / "report.md").read_text()
     assert "Strength rule, fixed before any result" in markdown and "## Diagnosis" in markdown

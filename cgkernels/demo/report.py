@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from dataclasses import asdict
 from pathlib import Path
@@ -82,6 +83,34 @@ def ladder_verdict(ladder: list[dict]) -> str:
     return verdict
 
 
+GOAL_WIN_RATE, GOAL_SEMS, DIVERSITY_FLOOR = 0.75, 3.0, 0.5
+
+
+def best_method(results: list[dict]) -> dict:
+    """The method whose chosen strength has the largest validation gain: picked on validation, like the strength."""
+    return max((row for row in results if row["chosen"]), key=lambda row: row["val_mean_gain"])
+
+
+def goal_check(results: list[dict]) -> dict:
+    """Whether the best method (chosen on validation) reaches the goal on the evaluation set."""
+    best, base = best_method(results), results[0]
+    ratio = best["mean_gain"] / best["gain_sem"] if best["gain_sem"] > 0 else float("nan")
+    diversity = best["diversity"] / base["diversity"] if base["diversity"] > 0 else float("nan")
+    return {"method": best["method"], "strength": best["strength"], "mean_gain": best["mean_gain"],
+            "gain_sem": best["gain_sem"], "gain_in_sems": ratio, "win_rate": best["win_rate"],
+            "diversity_vs_base": diversity,
+            "reached": bool(best["win_rate"] >= GOAL_WIN_RATE and ratio > GOAL_SEMS and diversity >= DIVERSITY_FLOOR)}
+
+
+def goal_summary(results: list[dict]) -> str:
+    goal = goal_check(results)
+    return (f"Best method on validation: **{goal['method']} at s = {goal['strength']:g}**; on the evaluation set "
+            f"gain {goal['mean_gain']:+.3f} ± {goal['gain_sem']:.3f} ({goal['gain_in_sems']:+.1f} s.e.), win rate "
+            f"{goal['win_rate']:.2f}, diversity {goal['diversity_vs_base']:.2f}x base CFG's. Goal (win rate >= "
+            f"{GOAL_WIN_RATE:.2f}, gain > {GOAL_SEMS:g} s.e., diversity >= {DIVERSITY_FLOOR:g}x base): "
+            f"**{'reached' if goal['reached'] else 'not reached'}**.")
+
+
 def format_diagnosis(diagnosis: list[dict]) -> str:
     lines = ["| method | s | cond part | uncond part | whole correction | cos(d(c), d(u)) | CFG direction |"
              " cond part alone: gain (win) | uncond part alone: gain (win) |",
@@ -112,7 +141,7 @@ def write_report(out: Path, config, results, diagnosis, samples, split, timings,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     print("\n" + ladder_verdict(ladder) + "\n\n" + format_ladder(ladder) + "\n\n" + format_chosen_table(results)
-          + "\n\n" + format_diagnosis(diagnosis) + "\n")
+          + "\n\n" + goal_summary(results) + "\n\n" + format_diagnosis(diagnosis) + "\n")
     files = {
         "grid": str(write_grid(out / "grid.png", config, results, samples, split.evaluation)),
         "strength": str(write_strength_plot(out / "strength.png", results)),
@@ -123,10 +152,12 @@ def write_report(out: Path, config, results, diagnosis, samples, split, timings,
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
     payload = {
         "config": asdict(config),
         "adapters": ladder,
+        "goal": goal_check(results),
         "selection_rule": "per method, the strength with the largest mean paired gain over base CFG on the "
                           "validation prompts x validation seeds (ties: the smaller strength)",
         "results": results,
@@ -190,6 +221,8 @@ on them can work.
 ## Each method at its chosen strength
 
 {format_chosen_table(results)}
+
+{goal_summary(results)}
 
 ## Diagnosis: the correction split into its cond and uncond parts
 

@@ -60,6 +60,9 @@ class DemoConfig:
     n_val_prompts: int = 8  # strength selection; disjoint from the evaluation and the preference prompts
     n_pair_prompts: int | None = None  # preference prompts used (None: all the rest of the world)
     samples_per_prompt: int = 8  # base samples per preference prompt; every two of them make a pair
+    # 0: every two samples of a prompt make a pair; n > 0: the annotator's n best against its n worst of each prompt
+    pair_extremes: int = 0
+    pair_renders: int = 0  # renders of the world per preference prompt, ranked with the model's samples
     pair_steps: int = 8  # DDIM steps for the preference samples (fewer than for evaluation: labels are relative)
     bt_temperature: float = 0.1
     adapter_rank: int = 4
@@ -79,8 +82,9 @@ class DemoConfig:
     sample_batch: int = 64
     diagnosis_timesteps: tuple[int, ...] = (800, 500, 200)
     # torch threads, fixed so that the numbers do not depend on the machine's core count or load (reductions split
-    # over threads round differently); one thread also runs fastest on a CPU other processes keep busy.
-    threads: int = 1
+    # over threads may round differently). python/demo.py sets OMP_WAIT_POLICY=PASSIVE, without which two threads
+    # on a busy CPU run many times slower than one.
+    threads: int = 2
     null_test: bool = True  # SFT on fresh renders of the world, sampled alone: must not move the reward
 
     @classmethod
@@ -89,7 +93,8 @@ class DemoConfig:
         base = BaseModelConfig(resolution=16, unet_channels=(16, 32), text_width=32, text_layers=1,
                                n_train_images=600, steps=40, batch_size=16, lr=2e-3, warmup_steps=5)
         settings = dict(base=base, sample_steps=3, n_eval_prompts=2, n_val_prompts=2, n_pair_prompts=4,
-                        samples_per_prompt=3, pair_steps=2, adapter_rank=2, adapter_steps=2, adapter_batch=2,
+                        samples_per_prompt=3, pair_renders=1, pair_extremes=1, pair_steps=2, adapter_rank=2,
+                        adapter_steps=2, adapter_batch=2,
                         adapter_warmup_steps=0,
                         eval_seeds=(1000, 1001), val_seeds=(2000, 2001), strengths=(0.5, 1.0),
                         diagnosis_timesteps=(500,))
@@ -196,39 +201,77 @@ def build_preference_pairs(config: DemoConfig, model_dir: Path, prompts: list[st
     """`samples_per_prompt` base samples per prompt (pair_steps DDIM steps), every two of one prompt a pair, scored
     by the taste and labelled with Bradley-Terry noise (as Pick-a-Pic shows annotators several images per prompt)."""
     fields = ("seed", "pair_steps", "guidance_scale", "n_eval_prompts", "n_val_prompts", "n_pair_prompts",
-              "samples_per_prompt", "bt_temperature", "pair_seed_offset")
-    path = cache / f"pairs-{config.key(*fields, sources=PAIR_SOURCES)}.parquet"
+              "samples_per_prompt", "bt_temperature", "pair_seed_offset", "pair_extremes", "pair_renders")
+    path = cache / f"pairs-{config.key(*fields, sources=PAIR_SOURCES + ('demo/world.py',))}.parquet"
     if path.exists():
         return path
     pipe = load_pipeline(model_dir, device)
-    k = config.samples_per_prompt
+    k, n = config.samples_per_prompt, config.samples_per_prompt + config.pair_renders
     captions = [p for p in prompts for _ in range(k)]
     seeds = [config.pair_seed_offset + i for i in range(len(captions))]
     with tqdm(total=len(captions), desc="preference samples", disable=not progress) as bar:
-        images = sample_images(pipe, captions, seeds, replace(config, sample_batch=4 * config.sample_batch),
-                               steps=config.pair_steps, progress_bar=bar)
+        samples = sample_images(pipe, captions, seeds, replace(config, sample_batch=4 * config.sample_batch),
+                                steps=config.pair_steps, progress_bar=bar)
+    # Pick-a-Pic's images come from several generators: next to the model's own samples each prompt gets
+    # `pair_renders` renders of the world (a generator without the model's flaws, with the world's spread of tints).
+    renders = render_images(prompts, config.pair_renders, np.random.default_rng([config.seed, 2]), config)
+    images = np.concatenate([samples.reshape(len(prompts), k, *samples.shape[1:]),
+                             renders.reshape(len(prompts), config.pair_renders, *samples.shape[1:])], axis=1)
+    images = images.reshape(-1, *samples.shape[1:])
+    captions = [p for p in prompts for _ in range(n)]
     rewards = reward.taste_rewards(images, captions)
-    first, second = _all_pairs(len(prompts), k)
+    first, second = _all_pairs(len(prompts), n)
     labels_0 = reward.bradley_terry_labels(rewards[first], rewards[second], config.bt_temperature, config.seed)
+    if config.pair_extremes:
+        first, second, labels_0 = extreme_pairs(first, second, labels_0, len(prompts), n, config.pair_extremes)
     return reward.write_pickapic_parquet(path, [captions[i] for i in first], images[first], images[second], labels_0)
+
+
+def extreme_pairs(first: np.ndarray, second: np.ndarray, labels_0: np.ndarray, n_prompts: int, k: int,
+                  extremes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best-of-k against worst-of-k, as the annotator ranks them: each image's score is the number of its pairs the
+    (noisy) annotator gave it; per prompt the `extremes` highest-scored images are paired with the `extremes`
+    lowest (ties: the lower index), the higher-scored one preferred. The taste itself is never consulted here."""
+    if not 0 < 2 * extremes <= k:
+        raise ValueError(f"pair_extremes must be in [1, samples_per_prompt / 2], got {extremes} for k = {k}")
+    wins = np.zeros(n_prompts * k)
+    np.add.at(wins, first, labels_0)
+    np.add.at(wins, second, 1.0 - labels_0)
+    pairs = []
+    for prompt in range(n_prompts):
+        ranked = prompt * k + np.argsort(-wins[prompt * k:(prompt + 1) * k], kind="stable")
+        pairs += [(best, worst) for best in ranked[:extremes] for worst in ranked[-extremes:]]
+    best, worst = map(np.asarray, zip(*pairs))
+    return best, worst, np.ones(len(best))
 
 
 def render_pairs(config: DemoConfig, prompts: list[str], cache: Path) -> Path:
     """The null test's data: fresh renders of the world (the base model's own training distribution, none of its
-    samples) for the preference prompts, as many as the preference data holds, paired with random labels."""
-    fields = ("seed", "n_eval_prompts", "n_val_prompts", "n_pair_prompts", "samples_per_prompt")
+    samples) for the preference prompts, as many per prompt as the preference data ranks, paired the same way,
+    with coin-flip labels."""
+    fields = ("seed", "n_eval_prompts", "n_val_prompts", "n_pair_prompts", "samples_per_prompt", "pair_renders",
+              "pair_extremes")
     path = cache / f"renders-{config.key(*fields, sources=('demo/world.py',))}.parquet"
     if path.exists():
         return path
     rng = np.random.default_rng([config.seed, 1])  # not the base model's training draw (that is rng(seed))
-    scenes = {scene.caption: scene for scene in world.all_scenes()}
-    k = config.samples_per_prompt
+    k = config.samples_per_prompt + config.pair_renders
     captions = [p for p in prompts for _ in range(k)]
-    images = np.stack([np.round(world.render(scenes[c], rng, config.base.resolution) * 255).astype(np.uint8)
-                       for c in captions])
+    images = render_images(prompts, k, rng, config)
     first, second = _all_pairs(len(prompts), k)
     labels_0 = rng.integers(0, 2, len(first)).astype(np.float64)
+    if config.pair_extremes:
+        first, second, labels_0 = extreme_pairs(first, second, labels_0, len(prompts), k, config.pair_extremes)
     return reward.write_pickapic_parquet(path, [captions[i] for i in first], images[first], images[second], labels_0)
+
+
+def render_images(prompts: list[str], per_prompt: int, rng: np.random.Generator, config: DemoConfig) -> np.ndarray:
+    """uint8 [len(prompts) * per_prompt, H, W, 3]: fresh renders of the world, prompt-major."""
+    scenes = {scene.caption: scene for scene in world.all_scenes()}
+    images = [np.round(world.render(scenes[p], rng, config.base.resolution) * 255).astype(np.uint8)
+              for p in prompts for _ in range(per_prompt)]
+    side = config.base.resolution
+    return np.stack(images) if images else np.zeros((0, side, side, 3), np.uint8)
 
 
 def _all_pairs(n_prompts: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -265,7 +308,7 @@ def preference_statistics(parquet: Path) -> dict:
 
 
 ADAPTER_FIELDS = ("adapter_rank", "adapter_modules", "adapter_steps", "adapter_batch", "adapter_lr",
-                  "adapter_lr_schedule", "adapter_warmup_steps", "threads")
+                  "adapter_lr_schedule", "adapter_warmup_steps")
 
 
 # objective -> {adapter name: side the trainer writes}
