@@ -59,17 +59,17 @@ class DemoConfig:
     n_eval_prompts: int = 8
     n_val_prompts: int = 8  # strength selection; disjoint from the evaluation and the preference prompts
     n_pair_prompts: int | None = None  # preference prompts used (None: all the rest of the world)
-    samples_per_prompt: int = 8  # base samples per preference prompt; every two of them make a pair
-    # 0: every two samples of a prompt make a pair; n > 0: the annotator's n best against its n worst of each prompt
-    pair_extremes: int = 0
-    pair_renders: int = 0  # renders of the world per preference prompt, ranked with the model's samples
+    samples_per_prompt: int = 12  # base samples per preference prompt
+    pair_renders: int = 4  # renders of the world per preference prompt, ranked with the model's samples
+    # 0: every two images of a prompt make a pair; n > 0: the annotator's n best against its n worst of each prompt
+    pair_extremes: int = 3
     pair_steps: int = 8  # DDIM steps for the preference samples (fewer than for evaluation: labels are relative)
     bt_temperature: float = 0.1
-    adapter_rank: int = 4
+    adapter_rank: int = 8
     adapter_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     adapter_steps: int = 600
     adapter_batch: int = 8
-    adapter_lr: float = 3e-3
+    adapter_lr: float = 1e-3  # 3e-3 harms even on clean data (the null test)
     # Decay to zero: at a constant rate the last steps' gradient noise stays in the weights, and cPGD guides with
     # the *difference* of two adapters, where that noise does not cancel.
     adapter_lr_schedule: str = "cosine"
