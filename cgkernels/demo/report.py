@@ -203,9 +203,10 @@ one prompt with different seeds.
 numbers below are on {len(split.evaluation)} other held-out evaluation prompts x {len(config.eval_seeds)} evaluation
 seeds, which select nothing. {config.sample_steps} DDIM steps, guidance scale {g:g}.
 
-Preference data: {stats['pairs']} pairs ({config.samples_per_prompt} base samples at {config.pair_steps} DDIM steps for
-each of {len(split.preference)} preference prompts, every two a pair); labels agree with the reward on
-{stats['labels_agree_with_reward']:.0%} of them; winners / losers: reward {stats['winner_reward']:.3f} /
+Preference data: {stats['pairs']} pairs. For each of {len(split.preference)} preference prompts
+{config.samples_per_prompt} base samples ({config.pair_steps} DDIM steps) and {config.pair_renders} render(s) of the
+world are labelled pairwise by a noisy Bradley-Terry annotator (temperature {config.bt_temperature:g});
+{_pairing(config)}. The labels agree with the reward on {stats['labels_agree_with_reward']:.0%} of the pairs; winners / losers: reward {stats['winner_reward']:.3f} /
 {stats['loser_reward']:.3f}, alignment {stats['winner_alignment']:.3f} / {stats['loser_alignment']:.3f} (position
 {stats['winner_position']:.3f} / {stats['loser_position']:.3f}), aesthetics {stats['winner_aesthetics']:.3f} /
 {stats['loser_aesthetics']:.3f} (tint {stats['winner_tint']:.3f} / {stats['loser_tint']:.3f}).
@@ -251,6 +252,13 @@ otherwise idle machine, summed over threads): {cpu}.
 """
 
 
+def _pairing(config) -> str:
+    if config.pair_extremes:
+        return (f"each image scores the pairs the annotator gave it, and the {config.pair_extremes} best of a prompt "
+                f"are paired with its {config.pair_extremes} worst")
+    return "every two images of a prompt make a pair"
+
+
 def _font(size: int = FONT_SIZE):
     try:
         return ImageFont.load_default(size=size)
@@ -259,25 +267,36 @@ def _font(size: int = FONT_SIZE):
 
 
 def write_grid(path: Path, config, results, samples, eval_prompts) -> Path:
-    """Evaluation prompts (first seed) x [base CFG, each method at its chosen strength], cells upscaled nearest."""
+    """Evaluation prompts (first seed) x [base CFG, each method at its chosen strength, then the best method at
+    every strength], cells upscaled nearest, each with its reward underneath."""
+    from cgkernels.demo import reward
+
     n_seeds = len(config.eval_seeds)
     chosen = {(row["method"], row["strength"]) for row in results if row["chosen"]}
+    best = best_method(results)["method"]
     columns = [samples[0]] + [s for s in samples[1:] if (s.method, s.strength) in chosen]
+    columns += [None] + [s for s in samples[1:] if s.method == best]  # None: a gap before the dose columns
     font = _font()
-    label_width, header = 262, 2 * FONT_SIZE + 10
-    canvas = Image.new("RGB", (label_width + GRID_CELL * len(columns), header + GRID_CELL * len(eval_prompts)), "white")
+    label_width, header, cell_height, gap = 262, 2 * FONT_SIZE + 10, GRID_CELL + FONT_SIZE + 6, GRID_CELL // 4
+    widths = [gap if sample is None else GRID_CELL for sample in columns]
+    canvas = Image.new("RGB", (label_width + sum(widths), header + cell_height * len(eval_prompts)), "white")
     draw = ImageDraw.Draw(canvas)
-    for column, sample in enumerate(columns):
-        x = label_width + column * GRID_CELL + 2
-        name = sample.method.replace("contrastive-", "c-")  # "c-cond" / "c-uncond" fit a cell
-        draw.text((x, 2), name, fill="black", font=font)
-        draw.text((x, FONT_SIZE + 5), "" if sample.strength is None else f"s = {sample.strength:g}", fill="black",
-                  font=font)
-        for row in range(len(eval_prompts)):
-            image = Image.fromarray(sample.evaluation[row * n_seeds]).resize((GRID_CELL, GRID_CELL), Image.NEAREST)
-            canvas.paste(image, (label_width + column * GRID_CELL, header + row * GRID_CELL))
+    x = label_width
+    for sample, width in zip(columns, widths):
+        if sample is not None:
+            name = sample.method.replace("contrastive-", "c-")  # "c-cond" / "c-uncond" fit a cell
+            draw.text((x + 2, 2), name, fill="black", font=font)
+            draw.text((x + 2, FONT_SIZE + 5), "" if sample.strength is None else f"s = {sample.strength:g}",
+                      fill="black", font=font)
+            for row, prompt in enumerate(eval_prompts):
+                pixels = sample.evaluation[row * n_seeds]
+                y = header + row * cell_height
+                canvas.paste(Image.fromarray(pixels).resize((GRID_CELL, GRID_CELL), Image.NEAREST), (x, y))
+                draw.text((x + 2, y + GRID_CELL + 2), f"r {reward.taste_reward(pixels, prompt):.2f}", fill="black",
+                          font=font)
+        x += width
     for row, prompt in enumerate(eval_prompts):
-        draw.text((4, header + row * GRID_CELL + GRID_CELL // 2 - FONT_SIZE // 2), prompt, fill="black", font=font)
+        draw.text((4, header + row * cell_height + GRID_CELL // 2 - FONT_SIZE // 2), prompt, fill="black", font=font)
     canvas.save(path)
     return path
 
