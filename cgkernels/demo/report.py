@@ -70,8 +70,10 @@ def ladder_verdict(ladder: list[dict]) -> str:
     null = [row for row in ladder if row["expected_sign"] == 0]
     if failed:
         names = ", ".join(row["adapter"] for row in failed)
-        verdict = (f"**The adapters did not learn the taste: {names} did not move the reward the way they must by "
-                   f"more than 3 s.e. Guidance amplifies what the adapters learned; here it has little to amplify.**")
+        verdict = (f"**The ladder fails: alone with plain CFG, {names} did not move the reward the way they must by "
+                   f"more than 3 s.e.** Each adapter alone carries the preference weakly or not at all; guidance "
+                   f"can only amplify what the adapters learned (the methods below show how much of it survives in "
+                   f"their differences).")
     else:
         verdict = ("The adapters learned the taste: alone with plain CFG every positive adapter beats base CFG and "
                    "every negative one loses, each by more than 3 s.e.")
