@@ -13,7 +13,8 @@ from PIL import Image
 
 from cgkernels.demo import reward, world
 from cgkernels.demo.base_model import BaseModelConfig, _weighted_loss, build_scheduler, identity_vae, vae_roundtrip_error
-from cgkernels.demo.runner import METHODS, DemoConfig, diversity, mark_chosen, split_prompts, win_rate
+from cgkernels.demo.runner import (LADDER, METHODS, DemoConfig, diversity, ladder_as_expected, mark_chosen,
+                                   split_prompts, win_rate)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,6 +91,46 @@ def test_taste_scores_what_the_prompt_asked_for():
         reward.taste_rewards([left, right], [prompt])
 
 
+def test_taste_likes_one_background_tint_no_caption_names():
+    """The world draws every tint about equally often; the taste's tint term is 1 on the liked tint and low on the
+    others, whatever the shape and its caption."""
+    rng = np.random.default_rng(0)
+    scene = world.all_scenes()[7]
+    tints = {name: [] for name in world.BACKGROUNDS}
+    for name, colour in world.BACKGROUNDS.items():
+        for level in (0.2, 0.4, 0.6):
+            image = np.full((16, 16, 3), np.asarray(colour) * level, np.float32)
+            image[5:11, 5:11] = world.COLOURS[scene.colour]
+            tints[name].append(reward.taste_terms(image, scene.caption)["tint"])
+    assert min(tints[reward.LIKED_TINT]) > 0.95
+    assert max(max(v) for name, v in tints.items() if name != reward.LIKED_TINT) < 0.3
+    images, captions = world.make_dataset(400, seed=1, resolution=16)
+    liked = np.mean([reward.taste_terms(i, c)["tint"] > 0.5 for i, c in zip(images, captions)])
+    assert 0.15 < liked < 0.35  # about one image in len(BACKGROUNDS)
+    assert not any(name in caption for name in world.BACKGROUNDS for caption in captions)
+
+
+def test_extreme_pairs_follow_the_annotator_not_the_taste():
+    from cgkernels.demo.runner import _all_pairs, extreme_pairs
+
+    k = 6
+    first, second = _all_pairs(2, k)
+    # the annotator prefers the lower index in prompt 0 and the higher index in prompt 1
+    labels_0 = np.where(first < k, 1.0, 0.0)
+    best, worst, labels = extreme_pairs(first, second, labels_0, 2, k, extremes=2)
+    assert sorted(zip(best.tolist(), worst.tolist())) == [(0, 4), (0, 5), (1, 4), (1, 5),
+                                                          (10, 6), (10, 7), (11, 6), (11, 7)]
+    assert (labels == 1.0).all()
+    with pytest.raises(ValueError, match="pair_extremes"):
+        extreme_pairs(first, second, labels_0, 2, k, extremes=4)
+
+
+def test_ladder_needs_three_standard_errors():
+    assert ladder_as_expected(0.31, 0.1, +1) and not ladder_as_expected(0.29, 0.1, +1)
+    assert ladder_as_expected(-0.31, 0.1, -1) and not ladder_as_expected(0.5, 0.1, -1)
+    assert ladder_as_expected(0.29, 0.1, 0) and not ladder_as_expected(-0.31, 0.1, 0)  # the null test stays level
+
+
 def test_largest_component_ignores_stray_blobs():
     mask = np.zeros((8, 8), bool)
     mask[1:4, 1:4] = True  # 9 pixels
@@ -141,15 +182,39 @@ def test_measures():
 QUICK_SEED = 3
 
 
-@pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
+def run_quick_demo(out: Path) -> Path:
     # The demo picks CUDA where present; this test checks the CPU run it was written for on every machine, with
     # this checkout's cgkernels, not an installed one.
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, str(ROOT / "python" / "demo.py"), "--quick", "--no-progress",
                     "--seed", str(QUICK_SEED), "--out", str(out)], check=True, cwd=ROOT, timeout=600, env=env)
     return out
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    return run_quick_demo(tmp_path_factory.mktemp("demo"))
+
+
+TIMING_KEYS = {"seconds_per_image", "timings_seconds", "cpu_seconds", "total_seconds"}
+
+
+def without_timings(value):
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def test_quick_demo_is_reproducible(quick_demo, tmp_path):
+    """A second run from nothing (no cache) with the same seed writes the same numbers, timings aside."""
+    again = run_quick_demo(tmp_path / "again")
+    first, second = (json.loads((out / "report.json").read_text()) for out in (quick_demo, again))
+    first["config"]["out"] = second["config"]["out"] = None
+    assert not second["base_model_cached"]
+    assert without_timings(first) == without_timings(second)
+    assert first["machine"]["threads"] == DemoConfig().threads and first["machine"]["deterministic_algorithms"]
 
 
 def test_quick_demo_writes_the_report(quick_demo):
@@ -171,8 +236,14 @@ def test_quick_demo_writes_the_report(quick_demo):
         rows = [row for row in results if row["method"] == method]
         (chosen,) = [row for row in rows if row["chosen"]]
         assert chosen["val_mean_gain"] == max(row["val_mean_gain"] for row in rows)
-    assert set(report["timings_seconds"]) == {"base model", "preference pairs", "adapters", "sampling",
-                                              "measurement", "diagnosis"}
+    assert set(report["timings_seconds"]) == {"base model", "preference pairs", "adapters", "null test adapter",
+                                              "sampling", "adapters alone", "measurement", "diagnosis"}
+    ladder = report["adapters"]
+    assert [row["adapter"] for row in ladder] == list(LADDER)
+    for row in ladder:
+        for key in ("mean_gain", "gain_sem", "win_rate", "val_mean_gain"):
+            assert isinstance(row[key], float) and math.isfinite(row[key]), (row, key)
+        assert row["objective"] and isinstance(row["as_expected"], bool)
     assert len(report["prompts"]["evaluation"]) == config.n_eval_prompts
     assert not set(report["prompts"]["evaluation"]) & set(report["prompts"]["validation"])
     diagnosis = {row["method"]: row for row in report["diagnosis"]}
@@ -181,10 +252,15 @@ def test_quick_demo_writes_the_report(quick_demo):
     for key in ("cond_alone_gain", "uncond_alone_gain", "cond_alone_win_rate", "uncond_alone_win_rate"):
         assert math.isfinite(diagnosis["contrastive"][key])
     pairs = report["preference_data"]["pairs"]
-    assert pairs == config.n_pair_prompts * config.samples_per_prompt * (config.samples_per_prompt - 1) // 2
+    ranked = config.samples_per_prompt + config.pair_renders
+    per_prompt = config.pair_extremes ** 2 if config.pair_extremes else ranked * (ranked - 1) // 2
+    assert pairs == config.n_pair_prompts * per_prompt
 
     markdown = (quick_demo / "report.md").read_text()
     assert "Strength rule, fixed before any result" in markdown and "## Diagnosis" in markdown
+    # the ladder comes before any guidance, and its verdict first of all
+    assert markdown.index("## The ladder") < markdown.index("## Each method") < markdown.index("## Diagnosis")
+    assert markdown.index("adapters") < markdown.index("Reward:")
     for method in ["base-cfg", *METHODS]:
         assert f"| {method} |" in markdown
 
@@ -214,8 +290,14 @@ def test_quick_demo_artifacts_load(quick_demo):
     # evaluation and validation prompts never reach the preference data
     assert not set(table["caption"]) & (set(split.evaluation) | set(split.validation))
     for side in ("sft/pos", "sft/neg", "dpo_npo/pos", "dpo_npo/neg"):
-        (adapter,) = cache.glob(f"adapters-*/{side}/pytorch_lora_weights.safetensors")
+        (adapter,) = cache.glob(f"adapters-pairs-*/{side}/pytorch_lora_weights.safetensors")
         assert adapter.stat().st_size > 0
+    # the null test's data: renders of the preference prompts only, as many pairs as the preference data
+    (renders,) = cache.glob("renders-*.parquet")
+    null_table = pq.read_table(renders).to_pydict()
+    assert set(null_table["caption"]) == set(table["caption"]) and len(null_table["caption"]) == len(table["caption"])
+    (null_adapter,) = cache.glob("adapters-renders-*/sft/pos/pytorch_lora_weights.safetensors")
+    assert null_adapter.stat().st_size > 0
 
 
 def test_gain_verdict_needs_two_standard_errors():

@@ -313,9 +313,12 @@ def _tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def cached_base_model(config: BaseModelConfig, cache_dir: Path, device: torch.device, progress: bool = True) -> tuple[Path, bool]:
-    """The pipeline folder for `config`, trained now unless already cached. Returns (folder, was_cached)."""
-    folder = Path(cache_dir) / f"base-{config.key()}"
+def cached_base_model(config: BaseModelConfig, cache_dir: Path, device: torch.device, progress: bool = True,
+                      numerics: str = "") -> tuple[Path, bool]:
+    """The pipeline folder for `config`, trained now unless already cached. Returns (folder, was_cached).
+    `numerics` names what decides the rounding (torch version, threads, CPU kernels): part of the cache key."""
+    key = hashlib.sha256((config.key() + numerics).encode()).hexdigest()[:12]
+    folder = Path(cache_dir) / f"base-{key}"
     if (folder / "model_index.json").exists():
         return folder, True
     start = time.perf_counter()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from dataclasses import asdict
 from pathlib import Path
@@ -50,6 +51,68 @@ def format_chosen_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_ladder(ladder: list[dict]) -> str:
+    """Each adapter alone with plain CFG: the first rung; guidance only amplifies what the adapters learned."""
+    lines = ["| adapter | trained with | gain vs base CFG ± s.e. | gain / s.e. | win rate | must | as it must? |"
+             " validation gain | diversity |", "|---|---|---|---|---|---|---|---|---|"]
+    must = {1: "beat base", -1: "lose", 0: "stay level"}
+    for row in ladder:
+        ratio = row["mean_gain"] / row["gain_sem"] if row["gain_sem"] > 0 else float("nan")
+        lines.append(f"| {row['adapter']} | {row['objective']} | {row['mean_gain']:+.3f} ± {row['gain_sem']:.3f} | "
+                     f"{ratio:+.1f} | {row['win_rate']:.2f} | {must[row['expected_sign']]} | "
+                     f"{'yes' if row['as_expected'] else '**no**'} | {row['val_mean_gain']:+.3f} | {row['diversity']:.3f} |")
+    return "\n".join(lines)
+
+
+def ladder_verdict(ladder: list[dict]) -> str:
+    """The report's first sentence: whether the adapters learned the taste at all."""
+    failed = [row for row in ladder if not row["as_expected"] and row["expected_sign"] != 0]
+    null = [row for row in ladder if row["expected_sign"] == 0]
+    if failed:
+        names = ", ".join(row["adapter"] for row in failed)
+        verdict = (f"**The ladder fails: alone with plain CFG, {names} did not move the reward the way they must by "
+                   f"more than 3 s.e.** Each adapter alone carries the preference weakly or not at all; guidance "
+                   f"can only amplify what the adapters learned (the methods below show how much of it survives in "
+                   f"their differences).")
+    else:
+        verdict = ("The adapters learned the taste: alone with plain CFG every positive adapter beats base CFG and "
+                   "every negative one loses, each by more than 3 s.e.")
+    if null:
+        row = null[0]
+        verdict += (f" Null test (SFT on fresh renders of the world): {row['mean_gain']:+.3f} ± {row['gain_sem']:.3f}, "
+                    + ("within 3 s.e. of zero, as it must be." if row["as_expected"] else
+                       "**more than 3 s.e. from zero: training itself moves the reward.**"))
+    return verdict
+
+
+GOAL_WIN_RATE, GOAL_SEMS, DIVERSITY_FLOOR = 0.75, 3.0, 0.5
+
+
+def best_method(results: list[dict]) -> dict:
+    """The method whose chosen strength has the largest validation gain: picked on validation, like the strength."""
+    return max((row for row in results if row["chosen"]), key=lambda row: row["val_mean_gain"])
+
+
+def goal_check(results: list[dict]) -> dict:
+    """Whether the best method (chosen on validation) reaches the goal on the evaluation set."""
+    best, base = best_method(results), results[0]
+    ratio = best["mean_gain"] / best["gain_sem"] if best["gain_sem"] > 0 else float("nan")
+    diversity = best["diversity"] / base["diversity"] if base["diversity"] > 0 else float("nan")
+    return {"method": best["method"], "strength": best["strength"], "mean_gain": best["mean_gain"],
+            "gain_sem": best["gain_sem"], "gain_in_sems": ratio, "win_rate": best["win_rate"],
+            "diversity_vs_base": diversity,
+            "reached": bool(best["win_rate"] >= GOAL_WIN_RATE and ratio > GOAL_SEMS and diversity >= DIVERSITY_FLOOR)}
+
+
+def goal_summary(results: list[dict]) -> str:
+    goal = goal_check(results)
+    return (f"Best method on validation: **{goal['method']} at s = {goal['strength']:g}**; on the evaluation set "
+            f"gain {goal['mean_gain']:+.3f} ± {goal['gain_sem']:.3f} ({goal['gain_in_sems']:+.1f} s.e.), win rate "
+            f"{goal['win_rate']:.2f}, diversity {goal['diversity_vs_base']:.2f}x base CFG's. Goal (win rate >= "
+            f"{GOAL_WIN_RATE:.2f}, gain > {GOAL_SEMS:g} s.e., diversity >= {DIVERSITY_FLOOR:g}x base): "
+            f"**{'reached' if goal['reached'] else 'not reached'}**.")
+
+
 def format_diagnosis(diagnosis: list[dict]) -> str:
     lines = ["| method | s | cond part | uncond part | whole correction | cos(d(c), d(u)) | CFG direction |"
              " cond part alone: gain (win) | uncond part alone: gain (win) |",
@@ -76,10 +139,11 @@ def gain_verdict(gain: float, sem: float) -> str:
 
 
 def write_report(out: Path, config, results, diagnosis, samples, split, timings, cpu_timings, device, *, base_cached: bool,
-                 total_seconds: float, preference_stats: dict) -> dict[str, str]:
+                 total_seconds: float, preference_stats: dict, ladder: list[dict]) -> dict[str, str]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    print("\n" + format_chosen_table(results) + "\n\n" + format_diagnosis(diagnosis) + "\n")
+    print("\n" + ladder_verdict(ladder) + "\n\n" + format_ladder(ladder) + "\n\n" + format_chosen_table(results)
+          + "\n\n" + goal_summary(results) + "\n\n" + format_diagnosis(diagnosis) + "\n")
     files = {
         "grid": str(write_grid(out / "grid.png", config, results, samples, split.evaluation)),
         "strength": str(write_strength_plot(out / "strength.png", results)),
@@ -87,9 +151,15 @@ def write_report(out: Path, config, results, diagnosis, samples, split, timings,
     machine = {
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
     payload = {
         "config": asdict(config),
+        "adapters": ladder,
+        "goal": goal_check(results),
         "selection_rule": "per method, the strength with the largest mean paired gain over base CFG on the "
                           "validation prompts x validation seeds (ties: the smaller strength)",
         "results": results,
@@ -106,20 +176,24 @@ def write_report(out: Path, config, results, diagnosis, samples, split, timings,
     (out / "report.json").write_text(json.dumps(payload, indent=2))
     files["json"] = str(out / "report.json")
     markdown = _markdown(config, results, diagnosis, split, timings, cpu_timings, total_seconds, base_cached, machine,
-                         preference_stats)
+                         preference_stats, ladder)
     (out / "report.md").write_text(markdown)
     files["markdown"] = str(out / "report.md")
     return files
 
 
-def _markdown(config, results, diagnosis, split, timings, cpu_timings, total_seconds, base_cached, machine, stats) -> str:
+def _markdown(config, results, diagnosis, split, timings, cpu_timings, total_seconds, base_cached, machine, stats,
+              ladder) -> str:
     phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
     cpu = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in cpu_timings.items())
     g = config.guidance_scale
     return f"""# cgkernels demo report (pipeline seed {config.seed})
 
+{ladder_verdict(ladder)}
+
 Reward: the demo's hidden taste (cgkernels/demo/reward.py): prompt alignment (colour, shape, size, position, each
-in [0, 1], weight 0.5) plus aesthetics (saturation + contrast - 2 clutter). Win rate: share of (prompt, seed) pairs
+in [0, 1], weight 0.5) plus aesthetics (background tint, which no caption names, + saturation + contrast - 2
+clutter). Win rate: share of (prompt, seed) pairs
 where the method's reward beats base CFG's on the same prompt and seed (ties count half). Gain: mean over those pairs
 of (method reward - base reward), with its standard error. "beats base?" = "yes" when the gain is more than two
 standard errors above zero, "worse" when more than two below. Diversity: mean RMS pixel distance between samples of
@@ -131,16 +205,27 @@ one prompt with different seeds.
 numbers below are on {len(split.evaluation)} other held-out evaluation prompts x {len(config.eval_seeds)} evaluation
 seeds, which select nothing. {config.sample_steps} DDIM steps, guidance scale {g:g}.
 
-Preference data: {stats['pairs']} pairs ({config.samples_per_prompt} base samples at {config.pair_steps} DDIM steps for
-each of {len(split.preference)} preference prompts, every two a pair); labels agree with the reward on
-{stats['labels_agree_with_reward']:.0%} of them; winners / losers: reward {stats['winner_reward']:.3f} /
+Preference data: {stats['pairs']} pairs. For each of {len(split.preference)} preference prompts
+{config.samples_per_prompt} base samples ({config.pair_steps} DDIM steps) and {config.pair_renders} render(s) of the
+world are labelled pairwise by a noisy Bradley-Terry annotator (temperature {config.bt_temperature:g});
+{_pairing(config)}. The labels agree with the reward on {stats['labels_agree_with_reward']:.0%} of the pairs; winners / losers: reward {stats['winner_reward']:.3f} /
 {stats['loser_reward']:.3f}, alignment {stats['winner_alignment']:.3f} / {stats['loser_alignment']:.3f} (position
 {stats['winner_position']:.3f} / {stats['loser_position']:.3f}), aesthetics {stats['winner_aesthetics']:.3f} /
-{stats['loser_aesthetics']:.3f}.
+{stats['loser_aesthetics']:.3f} (tint {stats['winner_tint']:.3f} / {stats['loser_tint']:.3f}).
+
+## The ladder: each adapter alone with plain CFG
+
+Each trained adapter at scale 1 on both branches, ordinary CFG, same evaluation prompts and seeds as everything
+below. A positive adapter must beat base CFG and a negative one lose, each by more than 3 s.e., or no guidance built
+on them can work.
+
+{format_ladder(ladder)}
 
 ## Each method at its chosen strength
 
 {format_chosen_table(results)}
+
+{goal_summary(results)}
 
 ## Diagnosis: the correction split into its cond and uncond parts
 
@@ -163,9 +248,17 @@ Rows: evaluation prompts (first evaluation seed); columns: base CFG and each met
 ![gain and win rate vs strength](strength.png)
 
 Wall time {total_seconds:.0f} s ({phases}; base model {'from cache' if base_cached else 'trained in this run'}),
-{machine['device']}, torch {machine['torch']}. CPU time of the process per phase (what each phase costs on an
+{machine['device']}, torch {machine['torch']}, CPU kernels {machine['cpu_capability']}, deterministic algorithms
+{'on' if machine['deterministic_algorithms'] else 'off'}. CPU time of the process per phase (what each phase costs on an
 otherwise idle machine, summed over threads): {cpu}.
 """
+
+
+def _pairing(config) -> str:
+    if config.pair_extremes:
+        return (f"each image scores the pairs the annotator gave it, and the {config.pair_extremes} best of a prompt "
+                f"are paired with its {config.pair_extremes} worst")
+    return "every two images of a prompt make a pair"
 
 
 def _font(size: int = FONT_SIZE):
@@ -176,25 +269,36 @@ def _font(size: int = FONT_SIZE):
 
 
 def write_grid(path: Path, config, results, samples, eval_prompts) -> Path:
-    """Evaluation prompts (first seed) x [base CFG, each method at its chosen strength], cells upscaled nearest."""
+    """Evaluation prompts (first seed) x [base CFG, each method at its chosen strength, then the best method at
+    every strength], cells upscaled nearest, each with its reward underneath."""
+    from cgkernels.demo import reward
+
     n_seeds = len(config.eval_seeds)
     chosen = {(row["method"], row["strength"]) for row in results if row["chosen"]}
+    best = best_method(results)["method"]
     columns = [samples[0]] + [s for s in samples[1:] if (s.method, s.strength) in chosen]
+    columns += [None] + [s for s in samples[1:] if s.method == best]  # None: a gap before the dose columns
     font = _font()
-    label_width, header = 262, 2 * FONT_SIZE + 10
-    canvas = Image.new("RGB", (label_width + GRID_CELL * len(columns), header + GRID_CELL * len(eval_prompts)), "white")
+    label_width, header, cell_height, gap = 262, 2 * FONT_SIZE + 10, GRID_CELL + FONT_SIZE + 6, GRID_CELL // 4
+    widths = [gap if sample is None else GRID_CELL for sample in columns]
+    canvas = Image.new("RGB", (label_width + sum(widths), header + cell_height * len(eval_prompts)), "white")
     draw = ImageDraw.Draw(canvas)
-    for column, sample in enumerate(columns):
-        x = label_width + column * GRID_CELL + 2
-        name = sample.method.replace("contrastive-", "c-")  # "c-cond" / "c-uncond" fit a cell
-        draw.text((x, 2), name, fill="black", font=font)
-        draw.text((x, FONT_SIZE + 5), "" if sample.strength is None else f"s = {sample.strength:g}", fill="black",
-                  font=font)
-        for row in range(len(eval_prompts)):
-            image = Image.fromarray(sample.evaluation[row * n_seeds]).resize((GRID_CELL, GRID_CELL), Image.NEAREST)
-            canvas.paste(image, (label_width + column * GRID_CELL, header + row * GRID_CELL))
+    x = label_width
+    for sample, width in zip(columns, widths):
+        if sample is not None:
+            name = sample.method.replace("contrastive-", "c-")  # "c-cond" / "c-uncond" fit a cell
+            draw.text((x + 2, 2), name, fill="black", font=font)
+            draw.text((x + 2, FONT_SIZE + 5), "" if sample.strength is None else f"s = {sample.strength:g}",
+                      fill="black", font=font)
+            for row, prompt in enumerate(eval_prompts):
+                pixels = sample.evaluation[row * n_seeds]
+                y = header + row * cell_height
+                canvas.paste(Image.fromarray(pixels).resize((GRID_CELL, GRID_CELL), Image.NEAREST), (x, y))
+                draw.text((x + 2, y + GRID_CELL + 2), f"r {reward.taste_reward(pixels, prompt):.2f}", fill="black",
+                          font=font)
+        x += width
     for row, prompt in enumerate(eval_prompts):
-        draw.text((4, header + row * GRID_CELL + GRID_CELL // 2 - FONT_SIZE // 2), prompt, fill="black", font=font)
+        draw.text((4, header + row * cell_height + GRID_CELL // 2 - FONT_SIZE // 2), prompt, fill="black", font=font)
     canvas.save(path)
     return path
 

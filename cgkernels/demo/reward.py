@@ -4,13 +4,16 @@ The taste judges what Pick-a-Pic annotators reward: whether the image shows what
 and whether it looks good (aesthetics). It is a known function of the image and its prompt:
 
     reward = aesthetics + ALIGNMENT_WEIGHT * (colour + shape + size + position) - 1[no visible shape]
-    aesthetics = saturation + contrast - 2 * clutter
+    aesthetics = TINT_WEIGHT * tint + saturation + contrast - 2 * clutter
 
 Segmentation: the background colour is the median of a 2-pixel border ring; pixels that differ from it by more than
 0.2 in some channel (pixel values in [0, 1]) are foreground, and the shape is the largest 4-connected foreground
 component (stray clutter blobs are not the shape).
 
 Aesthetics (each about in [0, 1]):
+* tint: how close the background's hue is to the liked tint (world.BACKGROUNDS[LIKED_TINT]): 1 - the distance
+  between the two colours, each divided by its mean brightness, / TINT_SCALE, clipped at 0. No caption names the
+  tint and the base model draws each of the world's tints about as often: a style choice that preferences select;
 * saturation: mean HSV saturation (max - min) / max of the shape's pixels (vivid shapes are liked);
 * contrast: mean largest per-channel difference between the shape's pixels and the background (shapes that stand out);
 * clutter: mean per-channel standard deviation of the background pixels (busy backgrounds are disliked).
@@ -41,6 +44,9 @@ from cgkernels.demo import world
 FOREGROUND_THRESHOLD = 0.2
 MIN_COVERAGE = 0.01
 ALIGNMENT_WEIGHT = 0.5
+TINT_WEIGHT = 1.0
+LIKED_TINT = "slate"
+TINT_SCALE = 0.5  # "grey", the nearest other tint, is 0.43 away: it scores ~0.15, the others 0
 POSITION_SCALE = 0.3
 ALIGNMENT_TERMS = ("colour", "shape", "size", "position")
 # Fill of the bounding box by each shape as world.render draws it.
@@ -100,6 +106,7 @@ def taste_terms(image: np.ndarray, prompt: str) -> dict[str, float]:
     terms = {"coverage": coverage, "saturation": 0.0, "contrast": 0.0, **{name: 0.0 for name in ALIGNMENT_TERMS}}
     rest = ~shape
     terms["clutter"] = float(image[rest].std(axis=0).mean()) if rest.any() else 0.0
+    terms["tint"] = tint_score(background)
     if coverage < MIN_COVERAGE:
         return terms
     pixels = image[shape]
@@ -127,18 +134,27 @@ def taste_terms(image: np.ndarray, prompt: str) -> dict[str, float]:
     return terms
 
 
+def tint_score(background: np.ndarray) -> float:
+    liked = np.asarray(world.BACKGROUNDS[LIKED_TINT], np.float64)
+    hue = np.asarray(background, np.float64) / max(float(np.mean(background)), 0.05)
+    return max(0.0, 1.0 - float(np.linalg.norm(hue - liked / liked.mean())) / TINT_SCALE)
+
+
 def aesthetics(terms: dict[str, float]) -> float:
-    return terms["saturation"] + terms["contrast"] - 2.0 * terms["clutter"]
+    return TINT_WEIGHT * terms["tint"] + terms["saturation"] + terms["contrast"] - 2.0 * terms["clutter"]
 
 
 def alignment(terms: dict[str, float]) -> float:
     return sum(terms[name] for name in ALIGNMENT_TERMS)
 
 
-def taste_reward(image: np.ndarray, prompt: str) -> float:
-    terms = taste_terms(image, prompt)
+def reward_from_terms(terms: dict[str, float]) -> float:
     missing_shape = 1.0 if terms["coverage"] < MIN_COVERAGE else 0.0
     return aesthetics(terms) + ALIGNMENT_WEIGHT * alignment(terms) - missing_shape
+
+
+def taste_reward(image: np.ndarray, prompt: str) -> float:
+    return reward_from_terms(taste_terms(image, prompt))
 
 
 def taste_rewards(images, prompts) -> np.ndarray:

@@ -1,8 +1,14 @@
 """The demo's phases: base model -> preference pairs -> adapters -> guided sampling -> measurement -> diagnosis ->
 report.
 
-Every phase caches its product under OUT/cache keyed by everything that shapes it, so a second run only redoes
-what changed.
+Every phase caches its product under OUT/cache keyed by everything that shapes it (its settings, the source files
+that compute it, torch's version, the thread count and the CPU kernels torch dispatches to), so a second run only
+redoes what changed.
+
+Reproducible: every random draw is seeded from the pipeline seed, torch runs a fixed number of threads
+(`DemoConfig.threads`, recorded in the report) with deterministic algorithms, so two runs with the same seed on one
+machine write the same numbers. Another CPU may round differently; the report's verdicts need margins larger than
+that spread (measured in docs/demo/README.md).
 
 Strength selection (declared before any result): the prompts are split three ways by the seed: preference prompts
 (pairs and adapters), validation prompts and evaluation prompts. Every (method, strength) is sampled on the
@@ -28,6 +34,7 @@ from tqdm.auto import tqdm
 
 from cgkernels.demo import report, reward, world
 from cgkernels.demo.base_model import BaseModelConfig, cached_base_model, load_pipeline
+from cgkernels.demo.sampler import sample_images
 from cgkernels.evaluate import win_rate
 
 # method -> (cgkernels.patch guidance mode, positive adapter, negative adapter)
@@ -52,13 +59,17 @@ class DemoConfig:
     n_eval_prompts: int = 8
     n_val_prompts: int = 8  # strength selection; disjoint from the evaluation and the preference prompts
     n_pair_prompts: int | None = None  # preference prompts used (None: all the rest of the world)
-    samples_per_prompt: int = 8  # base samples per preference prompt; every two of them make a pair
+    samples_per_prompt: int = 12  # base samples per preference prompt
+    pair_renders: int = 4  # renders of the world per preference prompt, ranked with the model's samples
+    # 0: every two images of a prompt make a pair; n > 0: the annotator's n best against its n worst of each prompt
+    pair_extremes: int = 3
     pair_steps: int = 8  # DDIM steps for the preference samples (fewer than for evaluation: labels are relative)
     bt_temperature: float = 0.1
-    adapter_rank: int = 4
+    adapter_rank: int = 8
+    adapter_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     adapter_steps: int = 600
     adapter_batch: int = 8
-    adapter_lr: float = 3e-3
+    adapter_lr: float = 1e-3  # 3e-3 harms even on clean data (the null test)
     # Decay to zero: at a constant rate the last steps' gradient noise stays in the weights, and cPGD guides with
     # the *difference* of two adapters, where that noise does not cancel.
     adapter_lr_schedule: str = "cosine"
@@ -70,6 +81,11 @@ class DemoConfig:
     methods: tuple[str, ...] = tuple(METHODS)
     sample_batch: int = 64
     diagnosis_timesteps: tuple[int, ...] = (800, 500, 200)
+    # torch threads, fixed so that the numbers do not depend on the machine's core count or load (reductions split
+    # over threads may round differently). python/demo.py sets OMP_WAIT_POLICY=PASSIVE, without which two threads
+    # on a busy CPU run many times slower than one.
+    threads: int = 2
+    null_test: bool = True  # SFT on fresh renders of the world, sampled alone: must not move the reward
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
@@ -77,16 +93,41 @@ class DemoConfig:
         base = BaseModelConfig(resolution=16, unet_channels=(16, 32), text_width=32, text_layers=1,
                                n_train_images=600, steps=40, batch_size=16, lr=2e-3, warmup_steps=5)
         settings = dict(base=base, sample_steps=3, n_eval_prompts=2, n_val_prompts=2, n_pair_prompts=4,
-                        samples_per_prompt=3, pair_steps=2, adapter_rank=2, adapter_steps=2, adapter_batch=2,
+                        samples_per_prompt=3, pair_renders=1, pair_extremes=1, pair_steps=2, adapter_rank=2,
+                        adapter_steps=2, adapter_batch=2,
                         adapter_warmup_steps=0,
                         eval_seeds=(1000, 1001), val_seeds=(2000, 2001), strengths=(0.5, 1.0),
                         diagnosis_timesteps=(500,))
         settings.update(overrides)
         return cls(**settings)
 
-    def key(self, *fields: str) -> str:
+    def key(self, *fields: str, sources: tuple[str, ...] = ()) -> str:
+        """Cache key: the named settings, the base model, the numerics and the source files that compute it."""
         blob = json.dumps({name: _jsonable(getattr(self, name)) for name in fields}, sort_keys=True)
-        return hashlib.sha256((blob + self.base.key()).encode()).hexdigest()[:12]
+        blob += self.base.key() + numerics_fingerprint(self.threads) + source_fingerprint(*sources)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def numerics_fingerprint(threads: int) -> str:
+    """What decides the rounding of the same computation: torch's version, the thread count, the CPU kernels."""
+    return f"torch={torch.__version__};threads={threads};cpu={torch.backends.cpu.get_cpu_capability()}"
+
+
+def source_fingerprint(*relative_paths: str) -> str:
+    """Hash of source files (paths relative to the cgkernels package; a folder means its *.py files)."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for relative in relative_paths:
+        path = package / relative
+        for file in sorted(path.glob("*.py")) if path.is_dir() else [path]:
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def set_determinism(config: "DemoConfig") -> None:
+    """A fixed thread count and torch's deterministic algorithms: two runs with one seed give the same numbers."""
+    torch.set_num_threads(config.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 @dataclass(frozen=True)
@@ -109,17 +150,12 @@ def _jsonable(value):
 
 
 def pick_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    # On a CPU that other processes keep busy, several OpenMP threads spin against each other and run many times
-    # slower than one (measured 5-10x on a loaded 2-core machine): use one thread there.
-    if os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
-        torch.set_num_threads(1)
-    return torch.device("cpu")
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def run_demo(config: DemoConfig, progress: bool = True) -> dict:
     started = time.perf_counter()
+    set_determinism(config)
     out = Path(config.out)
     cache = out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
@@ -134,42 +170,30 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
         cpu_timings[name] = round(time.process_time() - cpu_start, 1)
         return result
 
-    model_dir, cached = timed("base model", cached_base_model, config.base, cache, device, progress)
+    model_dir, cached = timed("base model", cached_base_model, config.base, cache, device, progress,
+                              numerics_fingerprint(config.threads))
     split = split_prompts(config)
     parquet = timed("preference pairs", build_preference_pairs, config, model_dir, split.preference, cache, device, progress)
     adapters = timed("adapters", train_adapters, config, model_dir, parquet, cache, progress)
+    if config.null_test:
+        null_parquet = render_pairs(config, split.preference, cache)
+        adapters.update(timed("null test adapter", train_adapters, config, model_dir, null_parquet, cache, progress,
+                              NULL_TEST_RUNS))
     pipe = load_pipeline(model_dir, device)
     samples = timed("sampling", sample_methods, config, pipe, adapters, split, progress)
+    ladder_samples = timed("adapters alone", sample_adapters_alone, config, pipe, adapters, split, progress)
     results = timed("measurement", measure, config, samples, split)
+    ladder = measure_ladder(config, samples[0], ladder_samples, split)
     diagnosis = timed("diagnosis", diagnose, config, pipe, samples, results, split)
     outputs = report.write_report(out, config, results, diagnosis, samples, split, timings, cpu_timings, device,
                                   base_cached=cached, total_seconds=time.perf_counter() - started,
-                                  preference_stats=preference_statistics(parquet))
-    return {"results": results, "diagnosis": diagnosis, "timings": timings, "files": outputs}
+                                  preference_stats=preference_statistics(parquet), ladder=ladder)
+    return {"results": results, "adapters": ladder, "diagnosis": diagnosis, "timings": timings, "files": outputs}
 
 
-def _generators(seeds) -> list[torch.Generator]:
-    # CPU generators: the same seed gives the same initial noise on every device.
-    return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
-
-
-def sample_images(pipe, prompts: list[str], seeds: list[int], config: DemoConfig, steps: int | None = None,
-                  progress_bar=None) -> np.ndarray:
-    """uint8 [N, H, W, 3], one image per (prompt, seed), batched."""
-    images = []
-    for start in range(0, len(prompts), config.sample_batch):
-        chunk = slice(start, start + config.sample_batch)
-        batch_prompts, batch_seeds = prompts[chunk], seeds[chunk]
-        latents = torch.cat([
-            torch.randn((1, 3, config.base.resolution, config.base.resolution), generator=g)
-            for g in _generators(batch_seeds)
-        ]).to(pipe.device)
-        output = pipe(batch_prompts, num_inference_steps=steps or config.sample_steps,
-                      guidance_scale=config.guidance_scale, latents=latents, output_type="np")
-        images.append(np.round(output.images * 255).astype(np.uint8))
-        if progress_bar is not None:
-            progress_bar.update(len(batch_prompts))
-    return np.concatenate(images)
+# Labels come from the taste and images from the sampler: editing either invalidates cached pairs (and, through the
+# file name, the adapters trained on them).
+PAIR_SOURCES = ("demo/reward.py", "demo/sampler.py")
 
 
 def build_preference_pairs(config: DemoConfig, model_dir: Path, prompts: list[str], cache: Path,
@@ -177,27 +201,83 @@ def build_preference_pairs(config: DemoConfig, model_dir: Path, prompts: list[st
     """`samples_per_prompt` base samples per prompt (pair_steps DDIM steps), every two of one prompt a pair, scored
     by the taste and labelled with Bradley-Terry noise (as Pick-a-Pic shows annotators several images per prompt)."""
     fields = ("seed", "pair_steps", "guidance_scale", "n_eval_prompts", "n_val_prompts", "n_pair_prompts",
-              "samples_per_prompt", "bt_temperature", "pair_seed_offset")
-    path = cache / f"pairs-{config.key(*fields)}-{_reward_fingerprint()}.parquet"
+              "samples_per_prompt", "bt_temperature", "pair_seed_offset", "pair_extremes", "pair_renders")
+    path = cache / f"pairs-{config.key(*fields, sources=PAIR_SOURCES + ('demo/world.py',))}.parquet"
     if path.exists():
         return path
     pipe = load_pipeline(model_dir, device)
-    k = config.samples_per_prompt
+    k, n = config.samples_per_prompt, config.samples_per_prompt + config.pair_renders
     captions = [p for p in prompts for _ in range(k)]
     seeds = [config.pair_seed_offset + i for i in range(len(captions))]
     with tqdm(total=len(captions), desc="preference samples", disable=not progress) as bar:
-        images = sample_images(pipe, captions, seeds, replace(config, sample_batch=4 * config.sample_batch),
-                               steps=config.pair_steps, progress_bar=bar)
+        samples = sample_images(pipe, captions, seeds, replace(config, sample_batch=4 * config.sample_batch),
+                                steps=config.pair_steps, progress_bar=bar)
+    # Pick-a-Pic's images come from several generators: next to the model's own samples each prompt gets
+    # `pair_renders` renders of the world (a generator without the model's flaws, with the world's spread of tints).
+    renders = render_images(prompts, config.pair_renders, np.random.default_rng([config.seed, 2]), config)
+    images = np.concatenate([samples.reshape(len(prompts), k, *samples.shape[1:]),
+                             renders.reshape(len(prompts), config.pair_renders, *samples.shape[1:])], axis=1)
+    images = images.reshape(-1, *samples.shape[1:])
+    captions = [p for p in prompts for _ in range(n)]
     rewards = reward.taste_rewards(images, captions)
-    first, second = zip(*[(p * k + i, p * k + j) for p in range(len(prompts)) for i, j in combinations(range(k), 2)])
-    first, second = np.asarray(first), np.asarray(second)
+    first, second = _all_pairs(len(prompts), n)
     labels_0 = reward.bradley_terry_labels(rewards[first], rewards[second], config.bt_temperature, config.seed)
+    if config.pair_extremes:
+        first, second, labels_0 = extreme_pairs(first, second, labels_0, len(prompts), n, config.pair_extremes)
     return reward.write_pickapic_parquet(path, [captions[i] for i in first], images[first], images[second], labels_0)
 
 
-def _reward_fingerprint() -> str:
-    # Labels come from the taste: editing reward.py invalidates cached pairs (and, through the file name, adapters).
-    return hashlib.sha256((Path(__file__).parent / "reward.py").read_bytes()).hexdigest()[:8]
+def extreme_pairs(first: np.ndarray, second: np.ndarray, labels_0: np.ndarray, n_prompts: int, k: int,
+                  extremes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best-of-k against worst-of-k, as the annotator ranks them: each image's score is the number of its pairs the
+    (noisy) annotator gave it; per prompt the `extremes` highest-scored images are paired with the `extremes`
+    lowest (ties: the lower index), the higher-scored one preferred. The taste itself is never consulted here."""
+    if not 0 < 2 * extremes <= k:
+        raise ValueError(f"pair_extremes must be in [1, samples_per_prompt / 2], got {extremes} for k = {k}")
+    wins = np.zeros(n_prompts * k)
+    np.add.at(wins, first, labels_0)
+    np.add.at(wins, second, 1.0 - labels_0)
+    pairs = []
+    for prompt in range(n_prompts):
+        ranked = prompt * k + np.argsort(-wins[prompt * k:(prompt + 1) * k], kind="stable")
+        pairs += [(best, worst) for best in ranked[:extremes] for worst in ranked[-extremes:]]
+    best, worst = map(np.asarray, zip(*pairs))
+    return best, worst, np.ones(len(best))
+
+
+def render_pairs(config: DemoConfig, prompts: list[str], cache: Path) -> Path:
+    """The null test's data: fresh renders of the world (the base model's own training distribution, none of its
+    samples) for the preference prompts, as many per prompt as the preference data ranks, paired the same way,
+    with coin-flip labels."""
+    fields = ("seed", "n_eval_prompts", "n_val_prompts", "n_pair_prompts", "samples_per_prompt", "pair_renders",
+              "pair_extremes")
+    path = cache / f"renders-{config.key(*fields, sources=('demo/world.py',))}.parquet"
+    if path.exists():
+        return path
+    rng = np.random.default_rng([config.seed, 1])  # not the base model's training draw (that is rng(seed))
+    k = config.samples_per_prompt + config.pair_renders
+    captions = [p for p in prompts for _ in range(k)]
+    images = render_images(prompts, k, rng, config)
+    first, second = _all_pairs(len(prompts), k)
+    labels_0 = rng.integers(0, 2, len(first)).astype(np.float64)
+    if config.pair_extremes:
+        first, second, labels_0 = extreme_pairs(first, second, labels_0, len(prompts), k, config.pair_extremes)
+    return reward.write_pickapic_parquet(path, [captions[i] for i in first], images[first], images[second], labels_0)
+
+
+def render_images(prompts: list[str], per_prompt: int, rng: np.random.Generator, config: DemoConfig) -> np.ndarray:
+    """uint8 [len(prompts) * per_prompt, H, W, 3]: fresh renders of the world, prompt-major."""
+    scenes = {scene.caption: scene for scene in world.all_scenes()}
+    images = [np.round(world.render(scenes[p], rng, config.base.resolution) * 255).astype(np.uint8)
+              for p in prompts for _ in range(per_prompt)]
+    side = config.base.resolution
+    return np.stack(images) if images else np.zeros((0, side, side, 3), np.uint8)
+
+
+def _all_pairs(n_prompts: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of every two of the k images of each prompt (images prompt-major)."""
+    first, second = zip(*[(p * k + i, p * k + j) for p in range(n_prompts) for i, j in combinations(range(k), 2)])
+    return np.asarray(first), np.asarray(second)
 
 
 def preference_statistics(parquet: Path) -> dict:
@@ -218,25 +298,38 @@ def preference_statistics(parquet: Path) -> dict:
     def mean(rows, fn):
         return float(np.mean([fn(t) for t in rows]))
 
-    total = lambda t: reward.aesthetics(t) + reward.ALIGNMENT_WEIGHT * reward.alignment(t) - (t["coverage"] < reward.MIN_COVERAGE)
+    total = reward.reward_from_terms
     stats = {"pairs": len(winners), "labels_agree_with_reward": mean(
         range(len(winners)), lambda i: float(total(winners[i]) >= total(losers[i])))}
     for name, fn in (("reward", total), ("aesthetics", reward.aesthetics), ("alignment", reward.alignment),
-                     ("position", lambda t: t["position"])):
+                     ("position", lambda t: t["position"]), ("tint", lambda t: t["tint"])):
         stats[f"winner_{name}"], stats[f"loser_{name}"] = mean(winners, fn), mean(losers, fn)
     return stats
 
 
-ADAPTER_FIELDS = ("adapter_rank", "adapter_steps", "adapter_batch", "adapter_lr", "adapter_lr_schedule",
-                  "adapter_warmup_steps")
+ADAPTER_FIELDS = ("adapter_rank", "adapter_modules", "adapter_steps", "adapter_batch", "adapter_lr",
+                  "adapter_lr_schedule", "adapter_warmup_steps")
 
 
-def train_adapters(config: DemoConfig, model_dir: Path, parquet: Path, cache: Path, progress: bool) -> dict[str, Path]:
+# objective -> {adapter name: side the trainer writes}
+METHOD_RUNS = {"sft": {"sft_pos": "pos", "sft_neg": "neg"}, "dpo+npo": {"dpo": "pos", "npo": "neg"}}
+NULL_TEST_RUNS = {"sft": {"null_sft": "pos"}}
+# The ladder: each adapter alone with plain CFG -> (what it was trained on, the sign its gain must have)
+LADDER = {
+    "sft_pos": ("sft on the preferred images", +1),
+    "sft_neg": ("sft on the dispreferred images", -1),
+    "dpo": ("dpo", +1),
+    "npo": ("npo (dpo with winner and loser swapped)", -1),
+    "null_sft": ("null test: sft on fresh renders of the world", 0),
+}
+
+
+def train_adapters(config: DemoConfig, model_dir: Path, parquet: Path, cache: Path, progress: bool,
+                   runs: dict[str, dict[str, str]] = METHOD_RUNS) -> dict[str, Path]:
     """sft -> sft_pos / sft_neg (cPGD); dpo+npo in one pass -> dpo (PGD's module) / npo (NPO's negative module)."""
     from cgkernels.train import TrainConfig, train
 
-    folder = cache / f"adapters-{parquet.stem}-{config.key(*ADAPTER_FIELDS)}"
-    runs = {"sft": {"sft_pos": "pos", "sft_neg": "neg"}, "dpo+npo": {"dpo": "pos", "npo": "neg"}}
+    folder = cache / f"adapters-{parquet.stem}-{config.key(*ADAPTER_FIELDS, sources=('train',))}"
     adapters = {}
     for objective, names in runs.items():
         run_dir = folder / objective.replace("+", "_")
@@ -292,6 +385,55 @@ def sample_methods(config: DemoConfig, pipe, adapters: dict[str, Path], split: P
                 samples.append(timed_sample(method, strength))
     bar.close()
     return samples
+
+
+def sample_adapters_alone(config: DemoConfig, pipe, adapters: dict[str, Path], split: PromptSplit,
+                          progress: bool) -> list[MethodSamples]:
+    """The ladder's samples: each trained adapter alone (scale 1, on both branches) with plain CFG, on the same
+    validation and evaluation grids as the methods. Needs the adapters loaded (sample_methods loads them)."""
+    val_prompts, val_seeds = _prompt_seed_grid(split.validation, config.val_seeds)
+    eval_prompts, eval_seeds = _prompt_seed_grid(split.evaluation, config.eval_seeds)
+    names = [name for name in LADDER if name in adapters]
+    samples = []
+    for name in tqdm(names, desc="adapters alone", disable=not progress):
+        pipe.set_adapters([name], [1.0])
+        start = time.perf_counter()
+        images = sample_images(pipe, val_prompts + eval_prompts, val_seeds + eval_seeds, config)
+        samples.append(MethodSamples(name, None, images[:len(val_prompts)], images[len(val_prompts):],
+                                     (time.perf_counter() - start) / len(images)))
+    return samples
+
+
+def measure_ladder(config: DemoConfig, base: MethodSamples, ladder: list[MethodSamples], split: PromptSplit) -> list[dict]:
+    """One row per adapter alone: evaluation gain, its s.e. and win rate vs base CFG (and the same on validation),
+    and whether it moved the way it must (positive adapters up, negative down, the null test neither) by > 3 s.e."""
+    val_prompts, _ = _prompt_seed_grid(split.validation, config.val_seeds)
+    eval_prompts, _ = _prompt_seed_grid(split.evaluation, config.eval_seeds)
+    base_val = reward.taste_rewards(base.validation, val_prompts)
+    base_eval = reward.taste_rewards(base.evaluation, eval_prompts)
+    rows = []
+    for sample in ladder:
+        objective, expected_sign = LADDER[sample.method]
+        stats = paired_statistics(reward.taste_rewards(sample.evaluation, eval_prompts), base_eval)
+        val = paired_statistics(reward.taste_rewards(sample.validation, val_prompts), base_val)
+        rows.append({
+            "adapter": sample.method, "objective": objective, "expected_sign": expected_sign,
+            "mean_gain": stats["mean_gain"], "gain_sem": stats["gain_sem"], "win_rate": stats["win_rate"],
+            "val_mean_gain": val["mean_gain"], "val_gain_sem": val["gain_sem"], "val_win_rate": val["win_rate"],
+            "as_expected": ladder_as_expected(stats["mean_gain"], stats["gain_sem"], expected_sign),
+            "diversity": diversity(sample.evaluation, len(config.eval_seeds)),
+        })
+    return rows
+
+
+LADDER_MARGIN = 3.0  # standard errors
+
+
+def ladder_as_expected(gain: float, sem: float, expected_sign: int) -> bool:
+    """+1: gain above zero by > 3 s.e.; -1: below by > 3 s.e.; 0 (null test): within 3 s.e. of zero."""
+    if expected_sign == 0:
+        return abs(gain) <= LADDER_MARGIN * sem
+    return expected_sign * gain > LADDER_MARGIN * sem
 
 
 @contextlib.contextmanager

@@ -3,9 +3,15 @@
 Captions name four attributes (size, colour, shape, position), e.g. "a large red circle at the top left", so a model
 must read the prompt to draw the right image, and classifier-free guidance visibly sharpens prompt following.
 
-Three nuisance factors vary inside every caption and are what the hidden "taste" (cgkernels.demo.reward) judges:
-the shape's colour saturation, the background brightness, and background clutter (smooth coloured blobs). A base
-model trained on this world reproduces that spread, so two samples of one prompt differ in how much they please.
+Factors the caption leaves free vary inside every caption, and they are what the hidden "taste"
+(cgkernels.demo.reward) judges besides prompt alignment:
+
+* the background's tint, one of `BACKGROUNDS` drawn at random (a discrete style choice, like the finish or palette
+  that real preference data selects among: the base model learns to draw every tint, each about as often);
+* the shape's colour saturation, the background brightness and background clutter (smooth coloured blobs).
+
+A base model trained on this world reproduces that spread, so two samples of one prompt differ in how much they
+please, and the difference is a mode the model already draws: what preference tuning can select.
 """
 from __future__ import annotations
 
@@ -30,7 +36,15 @@ POSITIONS = {
     "at the bottom right": (0.72, 0.72),
     "in the center": (0.5, 0.5),
 }
-RADIUS = {"small": 0.15, "large": 0.25}  # half the shape's extent, in units of the image side
+RADIUS = {"small": 0.15, "large": 0.25}
+# Background tints (RGB at brightness 1), one drawn per image; no caption names them. Similar luminance, so the
+# tint changes the look, not the shape's contrast.
+BACKGROUNDS = {
+    "slate": (0.55, 0.62, 0.95),
+    "grey": (0.75, 0.75, 0.75),
+    "moss": (0.60, 0.85, 0.45),
+    "rust": (0.95, 0.62, 0.50),
+}  # half the shape's extent, in units of the image side
 
 
 @dataclass(frozen=True)
@@ -91,12 +105,13 @@ def render(scene: Scene, rng: np.random.Generator, resolution: int = 32, supersa
     coords = (np.arange(side, dtype=np.float32) + 0.5) / side
     grid = np.meshgrid(coords, coords, indexing="ij")
 
-    # Background: a grey level plus smooth coloured clutter (low-resolution noise, bilinearly upsampled).
-    grey = rng.uniform(0.05, 0.55)
+    # Background: a tinted level plus smooth coloured clutter (low-resolution noise, bilinearly upsampled).
+    tint = np.asarray(list(BACKGROUNDS.values())[rng.integers(len(BACKGROUNDS))], dtype=np.float32)
+    level = tint * rng.uniform(0.2, 0.6)
     clutter_amount = rng.uniform(0.0, 0.3)
     coarse = rng.uniform(-1.0, 1.0, size=(5, 5, 3)).astype(np.float32)
     clutter = _upsample_bilinear(coarse, side) * clutter_amount
-    image = np.clip(grey + clutter, 0.0, 1.0)
+    image = np.clip(level + clutter, 0.0, 1.0)
 
     # Foreground: the named colour, desaturated towards its own luminance by a random amount.
     colour = np.asarray(COLOURS[scene.colour], dtype=np.float32)
