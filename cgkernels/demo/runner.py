@@ -194,6 +194,9 @@ def run_demo(config: DemoConfig, progress: bool = True) -> dict:
 # Labels come from the taste and images from the sampler: editing either invalidates cached pairs (and, through the
 # file name, the adapters trained on them).
 PAIR_SOURCES = ("demo/reward.py", "demo/sampler.py")
+# The trainer runs the LoRA layers and the multi-LoRA op (their forward and backward decide the rounding, hence the
+# adapters): editing any of them retrains.
+ADAPTER_SOURCES = ("train", "lora_layers.py", "ops")
 
 
 def build_preference_pairs(config: DemoConfig, model_dir: Path, prompts: list[str], cache: Path,
@@ -329,7 +332,7 @@ def train_adapters(config: DemoConfig, model_dir: Path, parquet: Path, cache: Pa
     """sft -> sft_pos / sft_neg (cPGD); dpo+npo in one pass -> dpo (PGD's module) / npo (NPO's negative module)."""
     from cgkernels.train import TrainConfig, train
 
-    folder = cache / f"adapters-{parquet.stem}-{config.key(*ADAPTER_FIELDS, sources=('train',))}"
+    folder = cache / f"adapters-{parquet.stem}-{config.key(*ADAPTER_FIELDS, sources=ADAPTER_SOURCES)}"
     adapters = {}
     for objective, names in runs.items():
         run_dir = folder / objective.replace("+", "_")
