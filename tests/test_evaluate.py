@@ -9,9 +9,12 @@ from cgkernels import evaluate
 from cgkernels.demo import reward, world
 
 
-def _scene_image(rng, saturation_boost: bool):
-    image = world.render(world.Scene("large", "red", "circle", "in the center"), rng, resolution=24)
-    if not saturation_boost:  # wash the image out towards grey: the taste dislikes it
+def _scene_image(seed: int, saturation_boost: bool):
+    """One render per seed (its background tint, which the taste scores, is drawn from the seed), washed out towards
+    grey unless saturation_boost: the taste prefers the vivid image of a seed to its washed-out twin."""
+    image = world.render(world.Scene("large", "red", "circle", "in the center"), np.random.default_rng(seed),
+                         resolution=24)
+    if not saturation_boost:
         image = 0.5 * image + 0.25
     return (image * 255).round().astype(np.uint8)
 
@@ -34,13 +37,12 @@ def _write_folder(folder, entries, *, sidecar=True):
 
 
 def test_pairs_by_prompt_and_seed_and_reports_win_rates(tmp_path):
-    rng = np.random.default_rng(0)
     prompts = ["a large red circle in the center", "a small blue square at the top left"]
-    baseline = [(_scene_image(rng, False), p, s, None) for p in prompts for s in (1, 2)]
+    baseline = [(_scene_image(10 * i + s, False), p, s, None) for i, p in enumerate(prompts) for s in (1, 2)]
     # The method folder: a sweep of two strengths, shuffled order, plus one image with no baseline partner.
-    vivid = [(_scene_image(rng, True), p, s, 2.0) for p in prompts for s in (2, 1)]
-    washed = [(_scene_image(rng, False), p, s, 1.0) for p in prompts for s in (1, 2)]
-    unmatched = [(_scene_image(rng, True), prompts[0], 99, 2.0)]
+    vivid = [(_scene_image(10 * i + s, True), p, s, 2.0) for i, p in enumerate(prompts) for s in (2, 1)]
+    washed = [(_scene_image(10 * i + s + 5, False), p, s, 1.0) for i, p in enumerate(prompts) for s in (1, 2)]
+    unmatched = [(_scene_image(99, True), prompts[0], 99, 2.0)]
     _write_folder(tmp_path / "base", baseline)
     _write_folder(tmp_path / "method", vivid + washed + unmatched, sidecar=False)
 
@@ -76,9 +78,8 @@ def test_bad_folders_are_clear_errors(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "a" / "x.png")
     with pytest.raises(ValueError, match="sidecar"):
         evaluate.read_image_folder(tmp_path / "a")
-    rng = np.random.default_rng(1)
-    _write_folder(tmp_path / "b", [(_scene_image(rng, True), "p", 1, None)])
-    _write_folder(tmp_path / "c", [(_scene_image(rng, True), "q", 1, None)])
+    _write_folder(tmp_path / "b", [(_scene_image(1, True), "p", 1, None)])
+    _write_folder(tmp_path / "c", [(_scene_image(2, True), "q", 1, None)])
     with pytest.raises(ValueError, match="no \\(prompt, seed\\) pair"):
         evaluate.evaluate(tmp_path / "b", tmp_path / "c", {"taste": evaluate.make_scorer("taste")})
 
@@ -106,14 +107,15 @@ def test_paired_statistics_against_a_direct_computation():
     assert evaluate.paired_statistics(method, base, prompts, samples=500, seed=5) == stats  # reproducible
 
 
-def _sweep_folder(folder, rng, prompts, seeds, variants):
-    """sample.py's layout: <method>_s<strength>_p<index>_seed<seed>.png + sidecar, several variants in one folder."""
+def _sweep_folder(folder, prompts, seeds, variants):
+    """sample.py's layout: <method>_s<strength>_p<index>_seed<seed>.png + sidecar, several variants in one folder;
+    every variant renders the same scene at a (prompt, seed), vivid or washed out."""
     folder.mkdir(parents=True, exist_ok=True)
     for method, strength, vivid in variants:
         for index, prompt in enumerate(prompts):
             for seed in seeds:
                 stem = f"{method}_s{strength:g}_p{index:05d}_seed{seed}"
-                Image.fromarray(_scene_image(rng, vivid)).save(folder / f"{stem}.png")
+                Image.fromarray(_scene_image(100 * index + seed, vivid)).save(folder / f"{stem}.png")
                 (folder / f"{stem}.json").write_text(json.dumps(
                     {"prompt": prompt, "seed": seed, "guidance": method, "strength": strength, "prompt_index": index}))
     (folder / "grids").mkdir(exist_ok=True)  # sample.py's sweep grid: not an image of the table
@@ -121,9 +123,8 @@ def _sweep_folder(folder, rng, prompts, seeds, variants):
 
 
 def test_one_folder_with_baseline_and_sweep_and_the_score_cache(tmp_path):
-    rng = np.random.default_rng(4)
     prompts = ["a large red circle in the center", "a small blue square at the top left"]
-    _sweep_folder(tmp_path / "s", rng, prompts, (0, 1),
+    _sweep_folder(tmp_path / "s", prompts, (0, 1),
                   [("cfg", 0.0, False), ("contrastive", 1.0, False), ("contrastive", 2.0, True)])
     with pytest.raises(ValueError, match="several variants.*--baseline-method"):
         evaluate.evaluate(tmp_path / "s", tmp_path / "s", {"taste": evaluate.make_scorer("taste")})
@@ -147,17 +148,16 @@ def test_one_folder_with_baseline_and_sweep_and_the_score_cache(tmp_path):
     assert calls == [] and again == rows  # all from the cache
 
     # An image rewritten since it was scored is scored again, and only it.
-    Image.fromarray(_scene_image(rng, False)).save(tmp_path / "s" / "contrastive_s2_p00000_seed0.png")
+    Image.fromarray(_scene_image(12345, False)).save(tmp_path / "s" / "contrastive_s2_p00000_seed0.png")
     rescored = evaluate.evaluate(tmp_path / "s", tmp_path / "s", {"taste": CountingTaste()}, baseline_method="cfg")
     assert calls == [1] and rescored[1]["mean_score"] != rows[1]["mean_score"]
     assert rescored[0] == rows[0]
 
 
 def test_a_crashed_run_keeps_the_batches_it_finished(tmp_path):
-    rng = np.random.default_rng(5)
     prompts = ["a large red circle in the center"]
-    _sweep_folder(tmp_path / "m", rng, prompts, range(4), [("contrastive", 1.0, True)])
-    _sweep_folder(tmp_path / "b", rng, prompts, range(4), [("cfg", 0.0, False)])
+    _sweep_folder(tmp_path / "m", prompts, range(4), [("contrastive", 1.0, True)])
+    _sweep_folder(tmp_path / "b", prompts, range(4), [("cfg", 0.0, False)])
     taste = evaluate.make_scorer("taste")
     seen = []
 
@@ -177,10 +177,9 @@ def test_a_crashed_run_keeps_the_batches_it_finished(tmp_path):
 
 
 def test_report_files(tmp_path):
-    rng = np.random.default_rng(6)
     prompts = ["a large red circle in the center", "a small blue square at the top left",
                "a large green triangle at the bottom right"]
-    _sweep_folder(tmp_path / "s", rng, prompts, (0, 1),
+    _sweep_folder(tmp_path / "s", prompts, (0, 1),
                   [("cfg", 0.0, False), ("contrastive", 1.0, False), ("contrastive", 2.0, True), ("pgd", 2.0, True)])
     rows = evaluate.evaluate(tmp_path / "s", tmp_path / "s", {"taste": evaluate.make_scorer("taste")},
                              baseline_method="cfg")
