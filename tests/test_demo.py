@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from cgkernels.demo import reward, world
@@ -208,8 +209,11 @@ def without_timings(value):
 
 
 def test_quick_demo_is_reproducible(quick_demo, tmp_path):
-    """A second run from nothing (no cache) with the same seed writes the same numbers, timings aside."""
+    """A second run from nothing (no cache) with the same seed writes the same numbers, timings aside; the demo's
+    thread count and deterministic algorithms do not outlive it (they made every later test in the process slow)."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     again = run_quick_demo(tmp_path / "again")
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)
     first, second = (json.loads((out / "report.json").read_text()) for out in (quick_demo, again))
     first["config"]["out"] = second["config"]["out"] = None
     assert not second["base_model_cached"]

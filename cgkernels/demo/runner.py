@@ -124,10 +124,21 @@ def source_fingerprint(*relative_paths: str) -> str:
     return digest.hexdigest()[:12]
 
 
-def set_determinism(config: "DemoConfig") -> None:
-    """A fixed thread count and torch's deterministic algorithms: two runs with one seed give the same numbers."""
+@contextlib.contextmanager
+def determinism(config: "DemoConfig"):
+    """A fixed thread count and torch's deterministic algorithms while the demo runs (two runs with one seed give
+    the same numbers); the caller's settings are restored afterwards, so a process that runs the demo (the tests)
+    keeps its own thread count."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.set_num_threads(config.threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 @dataclass(frozen=True)
@@ -154,8 +165,12 @@ def pick_device() -> torch.device:
 
 
 def run_demo(config: DemoConfig, progress: bool = True) -> dict:
+    with determinism(config):
+        return _run_demo(config, progress)
+
+
+def _run_demo(config: DemoConfig, progress: bool) -> dict:
     started = time.perf_counter()
-    set_determinism(config)
     out = Path(config.out)
     cache = out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
