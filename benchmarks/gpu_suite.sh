@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a lent GPU session runs, in one call (see ../shared/gpu/README.md):
-#   here:   ../shared/gpu/wheels.sh                         # diffusers & co. into .whl/ (the device image lacks them)
+#   here:   ../shared/gpu/wheels.sh hypothesis sortedcontainers attrs   # diffusers & co. into .whl/ (the device image
+#           lacks them; hypothesis and its dependencies for the cuda-tests stage)
 #   device: (run tool: carry [".whl"], timeout_s 600)
 #           export PYTHONUNBUFFERED=1 CGKERNELS_COMMIT=<sha of HEAD here> CGKERNELS_GPU_SUITE_BUDGET_S=540;
 #           bash benchmarks/gpu_suite.sh 2>&1 | tail -c 200000 > $OUT/suite.log; true
