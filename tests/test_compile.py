@@ -248,12 +248,17 @@ def test_per_prompt_mixes_compile_one_graph_per_plan():
 
 
 @pytest.mark.slow
-def test_more_step_plans_than_dynamos_recompile_limit(monkeypatch):
+def test_more_step_plans_than_dynamos_recompile_limit():
     """Dynamo compiles a code object at most recompile_limit (8) times; each step plan is one compile of the core.
     Trying nine guidance scales (or per-prompt mixes, or patching again with other guidance) on one compiled UNet
     passes that: before the fix the 9th plan raised FailOnRecompileLimitHit under fullgraph=True (without it the
-    core silently ran eagerly from then on). The limit is lowered to 2 here to keep the test short."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    core silently ran eagerly from then on). The limit is lowered to 2 here to keep the test short (with dynamo's
+    own config.patch: monkeypatch's undo deleted the config entry, and every later compile in the process failed)."""
+    with torch._dynamo.config.patch(recompile_limit=2):
+        _more_step_plans_than_the_recompile_limit()
+
+
+def _more_step_plans_than_the_recompile_limit():
     pipe = _pipe("sd15")
     scales = [3.0, 5.0, 7.0]
 
