@@ -44,10 +44,8 @@ def format_chosen_table(results: list[dict]) -> str:
             lines.append(f"| {row['method']} (reward {row['mean_reward']:.3f}) | - | - | - | - | (baseline) | "
                          f"{row['diversity']:.3f} |")
         elif row["chosen"]:
-            ratio = row["mean_gain"] / row["gain_sem"] if row["gain_sem"] > 0 else float("nan")
-            lines.append(f"| {row['method']} | {row['strength']:g} | {row['mean_gain']:+.3f} ± {row['gain_sem']:.3f} | "
-                         f"{ratio:+.1f} | {row['win_rate']:.2f} | {gain_verdict(row['mean_gain'], row['gain_sem'])} | "
-                         f"{row['diversity']:.3f} |")
+            lines.append(f"| {row['method']} | {row['strength']:g} | {_gain_cells(row)} | "
+                         f"{gain_verdict(row['mean_gain'], row['gain_sem'])} | {row['diversity']:.3f} |")
     return "\n".join(lines)
 
 
@@ -57,11 +55,15 @@ def format_ladder(ladder: list[dict]) -> str:
              " validation gain | diversity |", "|---|---|---|---|---|---|---|---|---|"]
     must = {1: "beat base", -1: "lose", 0: "stay level"}
     for row in ladder:
-        ratio = row["mean_gain"] / row["gain_sem"] if row["gain_sem"] > 0 else float("nan")
-        lines.append(f"| {row['adapter']} | {row['objective']} | {row['mean_gain']:+.3f} ± {row['gain_sem']:.3f} | "
-                     f"{ratio:+.1f} | {row['win_rate']:.2f} | {must[row['expected_sign']]} | "
+        lines.append(f"| {row['adapter']} | {row['objective']} | {_gain_cells(row)} | {must[row['expected_sign']]} | "
                      f"{'yes' if row['as_expected'] else '**no**'} | {row['val_mean_gain']:+.3f} | {row['diversity']:.3f} |")
     return "\n".join(lines)
+
+
+def _gain_cells(row: dict) -> str:
+    """The cells 'gain ± s.e. | gain / s.e. | win rate' of a method's or an adapter's row."""
+    ratio = row["mean_gain"] / row["gain_sem"] if row["gain_sem"] > 0 else float("nan")
+    return f"{row['mean_gain']:+.3f} ± {row['gain_sem']:.3f} | {ratio:+.1f} | {row['win_rate']:.2f}"
 
 
 def ladder_verdict(ladder: list[dict]) -> str:
