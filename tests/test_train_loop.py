@@ -171,6 +171,26 @@ def test_resume_reproduces_uninterrupted_run_and_round_trips(workspace):
     assert torch.isfinite(guided).all() and not torch.allclose(guided, base)
 
 
+def test_adapters_on_convolutions_and_time_embeddings_load_whole(workspace):
+    """diffusers' name converter knows only the attention projections: with convolutions and time_emb_proj among the
+    targets, the written file must still load every trained factor (a mixed file silently dropped the attention
+    ones, leaving them at their zero initialisation)."""
+    from diffusers import StableDiffusionPipeline
+
+    targets = ("to_q", "to_v", "conv1", "time_emb_proj")
+    train(_config(workspace, "convs", max_steps=2, checkpoint_every=2, target_modules=targets))
+    trained = load_file(str(workspace / "convs" / "checkpoints" / "step-00000002" / "adapters.safetensors"))
+    assert {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in trained} == {"to_q", "to_v", "conv1",
+                                                                                  "time_emb_proj"}
+    pipe = StableDiffusionPipeline.from_pretrained(str(workspace / "sd15"))
+    for adapter in ("pos", "neg"):
+        pipe.load_lora_weights(workspace / "convs" / adapter, adapter_name=adapter)
+    loaded = {name: value for name, value in pipe.unet.named_parameters() if ".lora_" in name}
+    assert loaded.keys() == trained.keys()
+    assert all(torch.equal(loaded[name], value) for name, value in trained.items())
+    assert all(value.abs().max() > 0 for name, value in trained.items() if ".lora_B." in name)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

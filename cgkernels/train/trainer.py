@@ -625,7 +625,7 @@ def save_adapters(unet, adapters, output_dir: Path, family: str) -> dict[str, st
     for adapter in adapters:
         state = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(unet, adapter_name=adapter).items()}
         if prefix == "unet":  # as train_text_to_image_lora(_sdxl).py; the SD3/Flux scripts save peft's names as is
-            state = convert_state_dict_to_diffusers(state)
+            state = _diffusers_names_if_complete(state, convert_state_dict_to_diffusers(state))
         folder = output_dir / adapter
         pipeline_cls.save_lora_weights(
             folder,
@@ -634,6 +634,14 @@ def save_adapters(unet, adapters, output_dir: Path, family: str) -> dict[str, st
         )
         paths[adapter] = str(folder / LORA_WEIGHT_NAME)
     return paths
+
+
+def _diffusers_names_if_complete(peft_state: dict, converted: dict) -> dict:
+    """diffusers' converter renames only attention projections (to_q ... to_out.0). A file that mixes its names with
+    peft's (convolutions, time_emb_proj targeted) is read by load_lora_weights as peft's, which then drops every
+    renamed key with only a warning: such adapters are saved with peft's names throughout, which it loads whole."""
+    mixed = any(".lora_A." in name or ".lora_B." in name for name in converted)
+    return peft_state if mixed else converted
 
 
 def adapter_fingerprints(lora_params: dict, adapters) -> dict[str, str]:
