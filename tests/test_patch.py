@@ -23,9 +23,10 @@ STEPS = 3
 def _with_adapters(pipe):
     add_random_lora(pipe, "pos", rank=4, seed=1, lora_alpha=6)
     # "neg": another rank and other targets, so some layers hold only one of the adapters; conv1 (3x3) exercises
-    # the segmented conv fallback and SD1.5's proj_in the 1x1-conv path.
+    # the segmented conv fallback, SD1.5's proj_in the 1x1-conv path and time_emb_proj a linear on [batch, features]
+    # rows (the timestep embedding: one row per branch, no token axis).
     add_random_lora(pipe, "neg", rank=3, seed=2, lora_alpha=2,
-                    target_modules=("to_k", "to_v", "proj_in", "ff.net.2", "conv1"))
+                    target_modules=("to_k", "to_v", "proj_in", "ff.net.2", "conv1", "time_emb_proj"))
     pipe.unet.set_adapters(["pos", "neg"])
     return pipe
 

@@ -272,7 +272,9 @@ def _font(size: int = FONT_SIZE):
 
 def write_grid(path: Path, config, results, samples, eval_prompts) -> Path:
     """Evaluation prompts (first seed) x [base CFG, each method at its chosen strength, then the best method at
-    every strength], cells upscaled nearest, each with its reward underneath."""
+    every strength], cells upscaled nearest. Under each cell its reward and the taste's two halves (aesthetics:
+    tint, vividness, clutter; alignment with the prompt), so a reader sees which half a guided column moved; the
+    last row gives each column's means over the whole evaluation set."""
     from cgkernels.demo import reward
 
     n_seeds = len(config.eval_seeds)
@@ -281,9 +283,11 @@ def write_grid(path: Path, config, results, samples, eval_prompts) -> Path:
     columns = [samples[0]] + [s for s in samples[1:] if (s.method, s.strength) in chosen]
     columns += [None] + [s for s in samples[1:] if s.method == best]  # None: a gap before the dose columns
     font = _font()
-    label_width, header, cell_height, gap = 262, 2 * FONT_SIZE + 10, GRID_CELL + FONT_SIZE + 6, GRID_CELL // 4
+    label_width, header, gap = 262, 2 * FONT_SIZE + 10, GRID_CELL // 4
+    cell_height = GRID_CELL + 2 * FONT_SIZE + 8
     widths = [gap if sample is None else GRID_CELL for sample in columns]
-    canvas = Image.new("RGB", (label_width + sum(widths), header + cell_height * len(eval_prompts)), "white")
+    summary_y = header + cell_height * len(eval_prompts)
+    canvas = Image.new("RGB", (label_width + sum(widths), summary_y + 3 * FONT_SIZE + 24), "white")
     draw = ImageDraw.Draw(canvas)
     x = label_width
     for sample, width in zip(columns, widths):
@@ -296,13 +300,31 @@ def write_grid(path: Path, config, results, samples, eval_prompts) -> Path:
                 pixels = sample.evaluation[row * n_seeds]
                 y = header + row * cell_height
                 canvas.paste(Image.fromarray(pixels).resize((GRID_CELL, GRID_CELL), Image.NEAREST), (x, y))
-                draw.text((x + 2, y + GRID_CELL + 2), f"r {reward.taste_reward(pixels, prompt):.2f}", fill="black",
-                          font=font)
+                _cell_label(draw, (x + 2, y + GRID_CELL + 2), reward.taste_terms(pixels, prompt), font)
+            every = [reward.taste_terms(image, prompt) for image, prompt in
+                     zip(sample.evaluation, [p for p in eval_prompts for _ in range(n_seeds)])]
+            mean_terms = {key: float(np.mean([t[key] for t in every])) for key in every[0]}
+            mean_reward = float(np.mean([reward.reward_from_terms(t) for t in every]))
+            _cell_label(draw, (x + 2, summary_y + FONT_SIZE + 8), mean_terms, font, mean_reward)
         x += width
     for row, prompt in enumerate(eval_prompts):
         draw.text((4, header + row * cell_height + GRID_CELL // 2 - FONT_SIZE // 2), prompt, fill="black", font=font)
+    draw.text((4, summary_y + 4), "mean over all evaluation", fill="black", font=font)
+    draw.text((4, summary_y + FONT_SIZE + 8), f"({len(eval_prompts)} prompts x {n_seeds} seeds)", fill="black",
+              font=font)
+    draw.text((4, summary_y + 2 * FONT_SIZE + 12), "r reward, ae aesthetics, al alignment", fill="grey", font=font)
     canvas.save(path)
     return path
+
+
+def _cell_label(draw, xy, terms: dict, font, total: float | None = None) -> None:
+    from cgkernels.demo import reward
+
+    x, y = xy
+    total = reward.reward_from_terms(terms) if total is None else total
+    draw.text((x, y), f"r {total:.2f}", fill="black", font=font)
+    draw.text((x, y + FONT_SIZE + 2), f"ae {reward.aesthetics(terms):.2f} al {reward.alignment(terms):.1f}",
+              fill="dimgray", font=font)
 
 
 def write_strength_plot(path: Path, results: list[dict]) -> Path:

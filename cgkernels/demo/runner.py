@@ -66,7 +66,9 @@ class DemoConfig:
     pair_steps: int = 8  # DDIM steps for the preference samples (fewer than for evaluation: labels are relative)
     bt_temperature: float = 0.1
     adapter_rank: int = 8
-    adapter_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # The attention projections, and the ResNet blocks' convolutions and timestep projections: with attention alone
+    # (the UNet attends only at its two coarsest resolutions) the adapters barely moved the background's tint.
+    adapter_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "time_emb_proj", "conv1", "conv2")
     adapter_steps: int = 600
     adapter_batch: int = 8
     adapter_lr: float = 1e-3  # 3e-3 harms even on clean data (the null test)
@@ -74,7 +76,14 @@ class DemoConfig:
     # the *difference* of two adapters, where that noise does not cancel.
     adapter_lr_schedule: str = "cosine"
     adapter_warmup_steps: int = 30
-    eval_seeds: tuple[int, ...] = (1000, 1001, 1002, 1003)
+    # Training runs (sft, dpo+npo, the null test) side by side in this many processes of `train_threads` threads.
+    train_workers: int = 2
+    train_threads: int = 1
+    sft_prompt_dropout: float = 0.2  # share of SFT steps on the empty prompt (trains the adapter's uncond branch)
+    # Diffusion-DPO's beta (dpo and npo): SD's 5000 held these adapters so close to the base model that neither
+    # moved the reward alone.
+    dpo_beta: float = 1000.0
+    eval_seeds: tuple[int, ...] = tuple(range(1000, 1008))  # 8 evaluation prompts x 8 seeds
     val_seeds: tuple[int, ...] = (2000, 2001, 2002, 2003)
     pair_seed_offset: int = 10_000  # preference samples use seeds from here on: never an evaluation/validation seed
     strengths: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
@@ -125,19 +134,19 @@ def source_fingerprint(*relative_paths: str) -> str:
 
 
 @contextlib.contextmanager
-def determinism(config: "DemoConfig"):
+def determinism(threads: int):
     """A fixed thread count and torch's deterministic algorithms while the demo runs (two runs with one seed give
     the same numbers); the caller's settings are restored afterwards, so a process that runs the demo (the tests)
     keeps its own thread count."""
-    threads = torch.get_num_threads()
+    callers_threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(config.threads)
+    torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(callers_threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
@@ -165,7 +174,7 @@ def pick_device() -> torch.device:
 
 
 def run_demo(config: DemoConfig, progress: bool = True) -> dict:
-    with determinism(config):
+    with determinism(config.threads):
         return _run_demo(config, progress)
 
 
@@ -176,24 +185,24 @@ def _run_demo(config: DemoConfig, progress: bool) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     device = pick_device()
     timings: dict[str, float] = {}
-    cpu_timings: dict[str, float] = {}  # CPU seconds of this process: what the phase costs without contention
+    # CPU seconds of this process and of its finished worker processes: what the phase costs without contention
+    cpu_timings: dict[str, float] = {}
 
     def timed(name, fn, *args):
-        start, cpu_start = time.perf_counter(), time.process_time()
+        start, cpu_start = time.perf_counter(), _cpu_seconds()
         result = fn(*args)
         timings[name] = round(time.perf_counter() - start, 1)
-        cpu_timings[name] = round(time.process_time() - cpu_start, 1)
+        cpu_timings[name] = round(_cpu_seconds() - cpu_start, 1)
         return result
 
     model_dir, cached = timed("base model", cached_base_model, config.base, cache, device, progress,
                               numerics_fingerprint(config.threads))
     split = split_prompts(config)
     parquet = timed("preference pairs", build_preference_pairs, config, model_dir, split.preference, cache, device, progress)
-    adapters = timed("adapters", train_adapters, config, model_dir, parquet, cache, progress)
+    training_data = {parquet: METHOD_RUNS}
     if config.null_test:
-        null_parquet = render_pairs(config, split.preference, cache)
-        adapters.update(timed("null test adapter", train_adapters, config, model_dir, null_parquet, cache, progress,
-                              NULL_TEST_RUNS))
+        training_data[render_pairs(config, split.preference, cache)] = NULL_TEST_RUNS
+    adapters = timed("adapters", train_adapters, config, model_dir, training_data, cache, progress)
     pipe = load_pipeline(model_dir, device)
     samples = timed("sampling", sample_methods, config, pipe, adapters, split, progress)
     ladder_samples = timed("adapters alone", sample_adapters_alone, config, pipe, adapters, split, progress)
@@ -326,7 +335,7 @@ def preference_statistics(parquet: Path) -> dict:
 
 
 ADAPTER_FIELDS = ("adapter_rank", "adapter_modules", "adapter_steps", "adapter_batch", "adapter_lr",
-                  "adapter_lr_schedule", "adapter_warmup_steps")
+                  "adapter_lr_schedule", "adapter_warmup_steps", "sft_prompt_dropout", "dpo_beta", "train_threads")
 
 
 # objective -> {adapter name: side the trainer writes}
@@ -342,27 +351,73 @@ LADDER = {
 }
 
 
-def train_adapters(config: DemoConfig, model_dir: Path, parquet: Path, cache: Path, progress: bool,
-                   runs: dict[str, dict[str, str]] = METHOD_RUNS) -> dict[str, Path]:
-    """sft -> sft_pos / sft_neg (cPGD); dpo+npo in one pass -> dpo (PGD's module) / npo (NPO's negative module)."""
-    from cgkernels.train import TrainConfig, train
+def train_adapters(config: DemoConfig, model_dir: Path, training_data: dict[Path, dict[str, dict[str, str]]],
+                   cache: Path, progress: bool) -> dict[str, Path]:
+    """Every training run of every pair file ({parquet: {objective: {adapter name: side}}}, e.g. sft -> sft_pos /
+    sft_neg for cPGD, dpo+npo in one pass -> dpo / npo), the runs not cached yet trained side by side in
+    `train_workers` processes (one optimiser step of these small models cannot use two threads, two runs can use two
+    cores). Each run uses `train_threads` threads whether it runs in a worker or in this process, so where it ran does
+    not change a number."""
+    from cgkernels.train import TrainConfig
 
-    folder = cache / f"adapters-{parquet.stem}-{config.key(*ADAPTER_FIELDS, sources=ADAPTER_SOURCES)}"
-    adapters = {}
-    for objective, names in runs.items():
-        run_dir = folder / objective.replace("+", "_")
-        if not all((run_dir / side / "pytorch_lora_weights.safetensors").exists() for side in names.values()):
-            shutil.rmtree(run_dir, ignore_errors=True)
-            train(TrainConfig(
-                model=str(model_dir), dataset=str(parquet), dataset_format="pickapic", objective=objective,
-                output_dir=str(run_dir), rank=config.adapter_rank, lr=config.adapter_lr,
-                batch_size=config.adapter_batch, max_steps=config.adapter_steps, resolution=config.base.resolution,
-                lr_scheduler=config.adapter_lr_schedule, lr_warmup_steps=config.adapter_warmup_steps,
-                random_flip=False,  # a flip would turn "left" into "right"
-                seed=config.seed, checkpoint_every=0, progress=progress,
-            ))
-        adapters.update({name: run_dir / side for name, side in names.items()})
+    adapters, jobs = {}, []
+    for parquet, runs in training_data.items():
+        folder = cache / f"adapters-{parquet.stem}-{config.key(*ADAPTER_FIELDS, sources=ADAPTER_SOURCES)}"
+        for objective, names in runs.items():
+            run_dir = folder / objective.replace("+", "_")
+            if not all((run_dir / side / "pytorch_lora_weights.safetensors").exists() for side in names.values()):
+                jobs.append(TrainConfig(
+                    model=str(model_dir), dataset=str(parquet), dataset_format="pickapic", objective=objective,
+                    output_dir=str(run_dir), rank=config.adapter_rank, target_modules=config.adapter_modules,
+                    lr=config.adapter_lr, batch_size=config.adapter_batch, max_steps=config.adapter_steps,
+                    resolution=config.base.resolution, lr_scheduler=config.adapter_lr_schedule,
+                    lr_warmup_steps=config.adapter_warmup_steps,
+                    empty_prompt_prob=config.sft_prompt_dropout if objective == "sft" else 0.0, beta=config.dpo_beta,
+                    random_flip=False,  # a flip would turn "left" into "right"
+                    seed=config.seed, checkpoint_every=0, progress=False,
+                ))
+            adapters.update({name: run_dir / side for name, side in names.items()})
+    # The preference runs (two adapters, a reference pass) take longest: start them first.
+    jobs.sort(key=lambda job: job.objective == "sft")
+    _run_training_jobs(jobs, config, progress)
     return adapters
+
+
+def _run_training_jobs(jobs: list, config: DemoConfig, progress: bool) -> None:
+    bar = tqdm(total=len(jobs), desc="adapter training runs", disable=not progress or not jobs)
+    if config.train_workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            _train_with_threads(job, config.train_threads)
+            bar.update()
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # spawn: a fork of a process that has run torch's thread pools can hang.
+        with ProcessPoolExecutor(min(config.train_workers, len(jobs)),
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            for future in as_completed([pool.submit(_train_with_threads, job, config.train_threads) for job in jobs]):
+                future.result()
+                bar.update()
+    bar.close()
+
+
+def _train_with_threads(train_config, threads: int) -> None:
+    """One training run with `threads` torch threads and deterministic algorithms (a worker process, or this one:
+    its thread settings are restored). A half-written run folder from an interrupted run is replaced."""
+    from cgkernels.train import train
+
+    shutil.rmtree(train_config.output_dir, ignore_errors=True)
+    with determinism(threads):
+        train(train_config)
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process plus those of its finished (joined) child processes."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 @dataclass
