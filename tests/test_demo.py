@@ -326,6 +326,22 @@ def test_adapters_trained_in_worker_processes_equal_runs_in_this_process(quick_d
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_ladder_verdict_names_each_miss_with_its_numbers():
+    from cgkernels.demo.report import ladder_verdict
+
+    def row(adapter, sign, gain, sem):
+        return {"adapter": adapter, "expected_sign": sign, "mean_gain": gain, "gain_sem": sem,
+                "as_expected": ladder_as_expected(gain, sem, sign)}
+
+    ladder = [row("sft_pos", 1, 0.066, 0.051), row("sft_neg", -1, -0.231, 0.042), row("null_sft", 0, -0.015, 0.055)]
+    verdict = ladder_verdict(ladder)
+    assert verdict.startswith("**The ladder fails: alone with plain CFG, sft_pos +0.066 ± 0.051 (must beat base)")
+    assert "sft_neg did move the reward as they must" in verdict and "within 3 s.e. of zero" in verdict
+    ladder[0] = row("sft_pos", 1, 0.2, 0.05)
+    assert ladder_verdict(ladder).startswith("The adapters learned the taste")
+    assert "more than 3 s.e. from zero" in ladder_verdict([row("null_sft", 0, 0.2, 0.05)])
+
+
 def test_gain_verdict_needs_two_standard_errors():
     from cgkernels.demo.report import gain_verdict
     from cgkernels.demo.runner import paired_sem

@@ -49,13 +49,15 @@ def format_chosen_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+MUST = {1: "beat base", -1: "lose", 0: "stay level"}  # what the ladder requires of an adapter, by expected sign
+
+
 def format_ladder(ladder: list[dict]) -> str:
     """Each adapter alone with plain CFG: the first rung; guidance only amplifies what the adapters learned."""
     lines = ["| adapter | trained with | gain vs base CFG ± s.e. | gain / s.e. | win rate | must | as it must? |"
              " validation gain | diversity |", "|---|---|---|---|---|---|---|---|---|"]
-    must = {1: "beat base", -1: "lose", 0: "stay level"}
     for row in ladder:
-        lines.append(f"| {row['adapter']} | {row['objective']} | {_gain_cells(row)} | {must[row['expected_sign']]} | "
+        lines.append(f"| {row['adapter']} | {row['objective']} | {_gain_cells(row)} | {MUST[row['expected_sign']]} | "
                      f"{'yes' if row['as_expected'] else '**no**'} | {row['val_mean_gain']:+.3f} | {row['diversity']:.3f} |")
     return "\n".join(lines)
 
@@ -71,11 +73,14 @@ def ladder_verdict(ladder: list[dict]) -> str:
     failed = [row for row in ladder if not row["as_expected"] and row["expected_sign"] != 0]
     null = [row for row in ladder if row["expected_sign"] == 0]
     if failed:
-        names = ", ".join(row["adapter"] for row in failed)
-        verdict = (f"**The ladder fails: alone with plain CFG, {names} did not move the reward the way they must by "
-                   f"more than 3 s.e.** Each adapter alone carries the preference weakly or not at all; guidance "
-                   f"can only amplify what the adapters learned (the methods below show how much of it survives in "
-                   f"their differences).")
+        misses = "; ".join(f"{row['adapter']} {row['mean_gain']:+.3f} ± {row['gain_sem']:.3f} (must "
+                           f"{MUST[row['expected_sign']]})" for row in failed)
+        passed = [row["adapter"] for row in ladder if row["as_expected"] and row["expected_sign"] != 0]
+        verdict = (f"**The ladder fails: alone with plain CFG, {misses}: not by more than 3 s.e.** "
+                   + (f"{', '.join(passed)} did move the reward as they must. " if passed else
+                      "No adapter moved the reward as it must. ")
+                   + "Guidance can only amplify what the adapters learned (the methods below show how much of it "
+                     "survives in their differences).")
     else:
         verdict = ("The adapters learned the taste: alone with plain CFG every positive adapter beats base CFG and "
                    "every negative one loses, each by more than 3 s.e.")
