@@ -250,14 +250,16 @@ parts' reward effect is measured on the evaluation set (cond part alone = contra
 
 ![grid](grid.png)
 
-Rows: evaluation prompts (first evaluation seed); columns: base CFG and each method at its chosen strength.
+Rows: evaluation prompts (first evaluation seed); columns: base CFG, each method at its chosen strength, then the
+best method at every strength. Under each cell its reward (r) and the taste's two halves, aesthetics (ae: tint,
+vividness, clutter) and alignment with the prompt (al); the last row: each column's means over all evaluation pairs.
 
 ![gain and win rate vs strength](strength.png)
 
 Wall time {total_seconds:.0f} s ({phases}; base model {'from cache' if base_cached else 'trained in this run'}),
 {machine['device']}, torch {machine['torch']}, CPU kernels {machine['cpu_capability']}, deterministic algorithms
-{'on' if machine['deterministic_algorithms'] else 'off'}. CPU time of the process per phase (what each phase costs on an
-otherwise idle machine, summed over threads): {cpu}.
+{'on' if machine['deterministic_algorithms'] else 'off'}. CPU time per phase, of the demo's process and its training
+workers (what each phase costs, summed over threads and processes): {cpu}.
 """
 
 
