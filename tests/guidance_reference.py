@@ -80,7 +80,7 @@ class GuidanceReference:
 
     def _evaluate(self, inputs: dict, rows: slice, total: int, weights: dict, lora_scale: float):
         self._set_adapters(weights, lora_scale)
-        cut = {k: v if k in STATIC_INPUTS else _rows_of(v, rows, total) for k, v in inputs.items()}
+        cut = {k: v if k in STATIC_INPUTS else rows_of(v, rows, total) for k, v in inputs.items()}
         out = self.original(**cut, return_dict=False)[0]
         self.branch_scale = max(self.branch_scale, out.abs().max().item())
         return out.double()
@@ -158,14 +158,15 @@ class GuidanceReference:
         return (out.to(sample.dtype),)
 
 
-def _rows_of(value, rows: slice, total: int):
-    """`value` with every tensor whose dim 0 is the denoiser batch cut to `rows` (through dicts, lists, tuples)."""
+def rows_of(value, rows: slice, total: int):
+    """`value` with every tensor whose dim 0 is the denoiser batch cut to `rows` (through dicts, lists and tuples:
+    added_cond_kwargs, IP-Adapter image embeds, ControlNet residuals)."""
     if isinstance(value, torch.Tensor):
         return value[rows] if value.dim() > 0 and value.shape[0] == total else value
     if isinstance(value, dict):
-        return {k: _rows_of(v, rows, total) for k, v in value.items()}
+        return {k: rows_of(v, rows, total) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_rows_of(v, rows, total) for v in value)
+        return type(value)(rows_of(v, rows, total) for v in value)
     return value
 
 

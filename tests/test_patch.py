@@ -16,6 +16,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 import cgkernels
 from cgkernels.guidance import compile_merge, preset
 from cgkernels.testing import add_random_lora, fp32_merge_atol, tiny_sd_pipeline
+from guidance_reference import rows_of
 
 PROMPTS = ["a red circle", "a blue square at the top left"]
 STEPS = 3
@@ -73,7 +74,7 @@ class Reference:
             unet.set_adapters(list(adapters), [w * self.lora_scale for w in adapters.values()])
         n = sample.shape[0] // self.halves
         rows = slice(half * n, (half + 1) * n) if self.halves == 2 else slice(0, n)
-        kwargs_rows = _rows_of(unet_kwargs, rows, sample.shape[0])
+        kwargs_rows = rows_of(unet_kwargs, rows, sample.shape[0])
         out = self.original(sample[rows], t, ehs[rows], **kwargs_rows, return_dict=False)[0]
         self.branch_scale = max(self.branch_scale, out.abs().max().item())
         return out.double()
@@ -126,17 +127,6 @@ class Reference:
         else:
             eps = e[C] + extra
         return (torch.cat([eps] * self.halves).to(sample.dtype),)
-
-def _rows_of(value, rows: slice, batch: int):
-    """`value` with every tensor whose dim 0 is the UNet batch cut to `rows` (through dicts, lists and tuples:
-    added_cond_kwargs, IP-Adapter image embeds, ControlNet residuals)."""
-    if isinstance(value, torch.Tensor):
-        return value[rows] if value.dim() > 0 and value.shape[0] == batch else value
-    if isinstance(value, dict):
-        return {k: _rows_of(v, rows, batch) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_rows_of(v, rows, batch) for v in value)
-    return value
 
 def _reference(pipe, mode, patch_kwargs, call_kwargs, lora_scale=1.0, run=_run):
     """(latents, the Reference that made them)."""
