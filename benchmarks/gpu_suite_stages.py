@@ -597,6 +597,27 @@ UNET_RATIOS = {
 }
 
 
+@contextlib.contextmanager
+def _variant_run(run_and_cleanup, restore):
+    """A benchmark variant's `run` under inference mode; afterwards, whatever happened, the variant's own cleanup
+    (if it has one) and `restore`, which puts the shared pipeline back for the next variant."""
+    run, cleanup = run_and_cleanup
+    try:
+        with torch.inference_mode():
+            yield run
+    finally:
+        if cleanup is not None:
+            cleanup()
+        restore()
+
+
+def _time_variant(ctx, stage: str, run, *, calls: int, **labels) -> dict | None:
+    """Event timing of `run()` (not capturable: the variants switch adapters on the host), `calls` calls per
+    repeat (one in the rehearsal); None, with the error recorded under `stage` and `labels`, where it fails."""
+    return ctx.guarded(stage, lambda: time_call(ctx, lambda _: run(), graphable=False,
+                                                calls=1 if ctx.rehearsal else calls), **labels)
+
+
 def _unet_step(ctx, kind):
     """Every variant timed with events (the naive and peft variants switch adapters on the host between calls: not
     capturable), so every ratio compares event times with event times."""
@@ -607,17 +628,9 @@ def _unet_step(ctx, kind):
     merge = merge_implementation(ctx.device)
     times = {}
     for variant in UNET_VARIANTS:
-        run, cleanup = ub._variant_fn(variant, "contrastive", pipe, sample, text, added)
-        try:
-            with torch.inference_mode():
-                timing = ctx.guarded("unet-step", lambda: time_call(ctx, lambda i: run(), graphable=False,
-                                                                    calls=1 if ctx.rehearsal else 2),
-                                     model=kind, variant=variant)
-        finally:
-            if cleanup is not None:
-                cleanup()
-            pipe.unet.enable_lora()
-            pipe.unet.set_adapters(["pos", "neg"])
+        with _variant_run(ub._variant_fn(variant, "contrastive", pipe, sample, text, added),
+                          restore=lambda: (pipe.unet.enable_lora(), pipe.unet.set_adapters(["pos", "neg"]))) as run:
+            timing = _time_variant(ctx, "unet-step", run, calls=2, model=kind, variant=variant)
         if timing is not None:
             times[variant] = timing
             fields = dict(merge=merge) if variant == "cgkernels" else {}
@@ -826,17 +839,10 @@ def stage_adapter_mix(ctx):
     for distinct in mix.DISTINCT:
         outputs, times = {}, {}
         for variant in mix.VARIANTS:
-            run, cleanup = mix.variant_fn(variant, distinct, pipe, sample, text, t)
-            try:
-                with torch.inference_mode():
-                    outputs[variant] = run().float()
-                    timing = ctx.guarded("adapter-mix", lambda: time_call(ctx, lambda _: run(), graphable=False,
-                                                                          calls=1 if ctx.rehearsal else 10),
-                                         distinct=distinct, variant=variant)
-            finally:
-                if cleanup is not None:
-                    cleanup()
-                mix.restore(pipe)
+            with _variant_run(mix.variant_fn(variant, distinct, pipe, sample, text, t),
+                              restore=lambda: mix.restore(pipe)) as run:
+                outputs[variant] = run().float()
+                timing = _time_variant(ctx, "adapter-mix", run, calls=10, distinct=distinct, variant=variant)
             if timing is not None:
                 times[variant] = timing
                 ctx.record("adapter-mix", prompts=mix.PROMPTS, distinct=distinct, variant=variant, **timing)
