@@ -289,6 +289,7 @@ def write_grid(path: Path, config, results, samples, eval_prompts) -> Path:
     best = best_method(results)["method"]
     columns = [samples[0]] + [s for s in samples[1:] if (s.method, s.strength) in chosen]
     columns += [None] + [s for s in samples[1:] if s.method == best]  # None: a gap before the dose columns
+    rows = {(row["method"], row["strength"]): row for row in results}
     font = _font()
     label_width, header, gap = 262, 2 * FONT_SIZE + 10, GRID_CELL // 4
     cell_height = GRID_CELL + 2 * FONT_SIZE + 8
@@ -307,12 +308,12 @@ def write_grid(path: Path, config, results, samples, eval_prompts) -> Path:
                 pixels = sample.evaluation[row * n_seeds]
                 y = header + row * cell_height
                 canvas.paste(Image.fromarray(pixels).resize((GRID_CELL, GRID_CELL), Image.NEAREST), (x, y))
-                _cell_label(draw, (x + 2, y + GRID_CELL + 2), reward.taste_terms(pixels, prompt), font)
-            every = [reward.taste_terms(image, prompt) for image, prompt in
-                     zip(sample.evaluation, [p for p in eval_prompts for _ in range(n_seeds)])]
-            mean_terms = {key: float(np.mean([t[key] for t in every])) for key in every[0]}
-            mean_reward = float(np.mean([reward.reward_from_terms(t) for t in every]))
-            _cell_label(draw, (x + 2, summary_y + FONT_SIZE + 8), mean_terms, font, mean_reward)
+                terms = reward.taste_terms(pixels, prompt)
+                _cell_label(draw, (x + 2, y + GRID_CELL + 2), reward.reward_from_terms(terms),
+                            reward.aesthetics(terms), reward.alignment(terms), font)
+            means = rows[(sample.method, sample.strength)]  # measure() scored every evaluation image already
+            _cell_label(draw, (x + 2, summary_y + FONT_SIZE + 8), means["mean_reward"], means["mean_aesthetics"],
+                        means["mean_alignment"], font)
         x += width
     for row, prompt in enumerate(eval_prompts):
         draw.text((4, header + row * cell_height + GRID_CELL // 2 - FONT_SIZE // 2), prompt, fill="black", font=font)
@@ -324,14 +325,10 @@ def write_grid(path: Path, config, results, samples, eval_prompts) -> Path:
     return path
 
 
-def _cell_label(draw, xy, terms: dict, font, total: float | None = None) -> None:
-    from cgkernels.demo import reward
-
+def _cell_label(draw, xy, total: float, aesthetics: float, alignment: float, font) -> None:
     x, y = xy
-    total = reward.reward_from_terms(terms) if total is None else total
     draw.text((x, y), f"r {total:.2f}", fill="black", font=font)
-    draw.text((x, y + FONT_SIZE + 2), f"ae {reward.aesthetics(terms):.2f} al {reward.alignment(terms):.1f}",
-              fill="dimgray", font=font)
+    draw.text((x, y + FONT_SIZE + 2), f"ae {aesthetics:.2f} al {alignment:.1f}", fill="dimgray", font=font)
 
 
 def write_strength_plot(path: Path, results: list[dict]) -> Path:

@@ -67,7 +67,7 @@ class DemoConfig:
     bt_temperature: float = 0.1
     adapter_rank: int = 8
     # The attention projections, and the ResNet blocks' convolutions and timestep projections: with attention alone
-    # (the UNet attends only at its two coarsest resolutions) the adapters barely moved the background's tint.
+    # (the UNet attends only at its coarsest, 4x4 resolution) the adapters barely moved the background's tint.
     adapter_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "time_emb_proj", "conv1", "conv2")
     adapter_steps: int = 600
     adapter_batch: int = 8
