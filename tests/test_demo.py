@@ -122,8 +122,11 @@ def test_extreme_pairs_follow_the_annotator_not_the_taste():
     assert sorted(zip(best.tolist(), worst.tolist())) == [(0, 4), (0, 5), (1, 4), (1, 5),
                                                           (10, 6), (10, 7), (11, 6), (11, 7)]
     assert (labels == 1.0).all()
-    with pytest.raises(ValueError, match="pair_extremes"):
+    with pytest.raises(ValueError, match="extremes"):
         extreme_pairs(first, second, labels_0, 2, k, extremes=4)
+    for name in ("pair_extremes", "sft_extremes"):
+        with pytest.raises(ValueError, match=name):
+            DemoConfig(**{name: 9})  # 12 samples + 4 renders per prompt: at most 8 best against 8 worst
 
 
 def test_ladder_needs_three_standard_errors():
@@ -241,7 +244,7 @@ def test_quick_demo_writes_the_report(quick_demo):
         (chosen,) = [row for row in rows if row["chosen"]]
         assert chosen["val_mean_gain"] == max(row["val_mean_gain"] for row in rows)
     assert set(report["timings_seconds"]) == {"base model", "preference pairs", "adapters", "sampling",
-                                              "adapters alone", "measurement", "diagnosis"}
+                                              "measurement", "diagnosis"}
     ladder = report["adapters"]
     assert [row["adapter"] for row in ladder] == list(LADDER)
     for row in ladder:
@@ -255,10 +258,11 @@ def test_quick_demo_writes_the_report(quick_demo):
     assert diagnosis["contrastive-cond"]["uncond_part_norm"] == 0.0 and diagnosis["npo"]["cond_part_norm"] == 0.0
     for key in ("cond_alone_gain", "uncond_alone_gain", "cond_alone_win_rate", "uncond_alone_win_rate"):
         assert math.isfinite(diagnosis["contrastive"][key])
-    pairs = report["preference_data"]["pairs"]
     ranked = config.samples_per_prompt + config.pair_renders
-    per_prompt = config.pair_extremes ** 2 if config.pair_extremes else ranked * (ranked - 1) // 2
-    assert pairs == config.n_pair_prompts * per_prompt
+    for data, extremes in (("preference_data", config.pair_extremes), ("sft_data", config.sft_extremes)):
+        per_prompt = extremes ** 2 if extremes else ranked * (ranked - 1) // 2
+        assert report[data]["pairs"] == config.n_pair_prompts * per_prompt
+    assert config.pair_extremes != config.sft_extremes  # the quick run builds and trains on both files
 
     markdown = (quick_demo / "report.md").read_text()
     assert "Strength rule, fixed before any result" in markdown and "## Diagnosis" in markdown
@@ -277,29 +281,52 @@ def test_quick_demo_writes_the_report(quick_demo):
     assert strength.size[0] > 500 and np.asarray(strength.convert("L")).std() > 0  # a drawn plot, not blank
 
 
+def quick_pair_files(quick_demo: Path):
+    """The quick run's cached pair files (the same calls find them without sampling anything again)."""
+    from cgkernels.demo.runner import build_preference_pairs, config_for, render_pairs
+
+    config = config_for(True, seed=QUICK_SEED)
+    cache = quick_demo / "cache"
+    (model_dir,) = [p for p in cache.iterdir() if p.name.startswith("base-")]
+    preference = split_prompts(config).preference
+    written = {path: path.stat().st_mtime_ns for path in cache.glob("pairs-*.parquet")}
+    pairs = build_preference_pairs(config, model_dir, preference, cache, torch.device("cpu"), progress=False)
+    assert {pairs.dpo, pairs.sft} == set(written)  # found, not built again:
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in written.items())
+    return pairs, render_pairs(config, preference, cache)
+
+
 def test_quick_demo_artifacts_load(quick_demo):
     import pyarrow.parquet as pq
     from diffusers import StableDiffusionPipeline
+
+    from cgkernels.demo.runner import config_for, training_runs
 
     cache = quick_demo / "cache"
     (model_dir,) = [p for p in cache.iterdir() if p.name.startswith("base-")]
     pipe = StableDiffusionPipeline.from_pretrained(model_dir)
     assert pipe.unet.config.in_channels == 3 and pipe.vae.config.latent_channels == 3
 
-    (parquet,) = cache.glob("pairs-*.parquet")
-    table = pq.read_table(parquet).to_pydict()
-    assert set(table) == {"caption", "jpg_0", "jpg_1", "label_0", "label_1"}
-    assert all(a + b == 1.0 for a, b in zip(table["label_0"], table["label_1"]))
-    split = split_prompts(DemoConfig.quick(seed=QUICK_SEED))
-    # evaluation and validation prompts never reach the preference data
-    assert not set(table["caption"]) & (set(split.evaluation) | set(split.validation))
-    for side in ("sft/pos", "sft/neg", "dpo_npo/pos", "dpo_npo/neg"):
-        (adapter,) = cache.glob(f"adapters-pairs-*/{side}/pytorch_lora_weights.safetensors")
-        assert adapter.stat().st_size > 0
-    # the null test's data: renders of the preference prompts only, as many pairs as the preference data
-    (renders,) = cache.glob("renders-*.parquet")
+    config = config_for(True, seed=QUICK_SEED)
+    pairs, renders = quick_pair_files(quick_demo)
+    tables = {name: pq.read_table(path).to_pydict() for name, path in (("dpo", pairs.dpo), ("sft", pairs.sft))}
+    split = split_prompts(config)
+    for table in tables.values():
+        assert set(table) == {"caption", "jpg_0", "jpg_1", "label_0", "label_1"}
+        assert all(a + b == 1.0 for a, b in zip(table["label_0"], table["label_1"]))
+        # evaluation and validation prompts never reach the preference data
+        assert not set(table["caption"]) & (set(split.evaluation) | set(split.validation))
+    for data, runs in training_runs(pairs, renders).items():  # sft on the SFT pairs, dpo+npo on the DPO pairs
+        for objective, sides in runs.items():
+            for side in sides.values():
+                pattern = f"adapters-{data.stem}-*/{objective.replace('+', '_')}/{side}/pytorch_lora_weights.safetensors"
+                (adapter,) = cache.glob(pattern)
+                assert adapter.stat().st_size > 0
+    # the null test's data: renders of the preference prompts only, cut like SFT's pairs
     null_table = pq.read_table(renders).to_pydict()
-    assert set(null_table["caption"]) == set(table["caption"]) and len(null_table["caption"]) == len(table["caption"])
+    sft_table = tables["sft"]
+    assert set(null_table["caption"]) == set(sft_table["caption"])
+    assert len(null_table["caption"]) == len(sft_table["caption"])
     (null_adapter,) = cache.glob("adapters-renders-*/sft/pos/pytorch_lora_weights.safetensors")
     assert null_adapter.stat().st_size > 0
 
@@ -307,15 +334,14 @@ def test_quick_demo_artifacts_load(quick_demo):
 def test_adapters_trained_in_worker_processes_equal_runs_in_this_process(quick_demo, tmp_path):
     """The quick demo trains its runs side by side in worker processes; the same runs in this process (the same
     threads per run) write identical adapters, so where a run trained changes no number."""
-    from cgkernels.demo.runner import METHOD_RUNS, NULL_TEST_RUNS, config_for, train_adapters
+    from cgkernels.demo.runner import config_for, train_adapters, training_runs
 
     cache = quick_demo / "cache"
     (model_dir,) = [p for p in cache.iterdir() if p.name.startswith("base-")]
-    (pairs,), (renders,) = cache.glob("pairs-*.parquet"), cache.glob("renders-*.parquet")
-    config = config_for(True, seed=QUICK_SEED, train_workers=1)
-    assert DemoConfig.quick().train_workers > 1  # the fixture's run used the worker processes
+    config = config_for(True, seed=QUICK_SEED, workers=1)
+    assert DemoConfig.quick().workers > 1  # the fixture's run used the worker processes
     threads = torch.get_num_threads()
-    here = train_adapters(config, model_dir, {pairs: METHOD_RUNS, renders: NULL_TEST_RUNS}, tmp_path, progress=False)
+    here = train_adapters(config, model_dir, training_runs(*quick_pair_files(quick_demo)), tmp_path, progress=False)
     assert torch.get_num_threads() == threads
     assert set(here) == set(LADDER)
     from safetensors.torch import load_file
@@ -324,6 +350,61 @@ def test_adapters_trained_in_worker_processes_equal_runs_in_this_process(quick_d
         ours = load_file(folder / "pytorch_lora_weights.safetensors")
         theirs = load_file(cache / folder.relative_to(tmp_path) / "pytorch_lora_weights.safetensors")
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_sampling_in_worker_processes_equals_sampling_in_this_process(quick_demo):
+    """The quick demo samples its methods and the adapters alone in worker processes; the same tasks in this process
+    (the same threads per task) give identical images, so where a task ran changes no number."""
+    from cgkernels.demo.runner import config_for, sample_all, train_adapters, training_runs
+
+    cache = quick_demo / "cache"
+    (model_dir,) = [p for p in cache.iterdir() if p.name.startswith("base-")]
+    config = config_for(True, seed=QUICK_SEED, methods=("pgd", "contrastive"))
+    adapters = train_adapters(config, model_dir, training_runs(*quick_pair_files(quick_demo)), cache, progress=False)
+    split = split_prompts(config)
+    threads = torch.get_num_threads()
+    runs = {workers: sample_all(replace(config, workers=workers), model_dir, adapters, split, torch.device("cpu"),
+                                progress=False) for workers in (1, 2)}
+    assert torch.get_num_threads() == threads
+    (methods_1, ladder_1), (methods_2, ladder_2) = runs[1], runs[2]
+    assert [(s.method, s.strength) for s in methods_1] == [("base-cfg", None)] + [
+        (m, s) for m in config.methods for s in config.strengths]
+    assert [s.method for s in ladder_1] == list(LADDER)
+    for here, there in zip(methods_1 + ladder_1, methods_2 + ladder_2, strict=True):
+        assert (here.method, here.strength) == (there.method, there.strength)
+        assert np.array_equal(here.validation, there.validation) and np.array_equal(here.evaluation, there.evaluation)
+    # and guidance changed the images: the comparison is not between copies of base CFG
+    assert not np.array_equal(methods_1[0].evaluation, methods_1[1].evaluation)
+
+
+def test_base_model_trained_data_parallel_matches_one_process(tmp_path):
+    """Two processes that each take half of every batch and average their gradients train the same model as one
+    process on the whole batch, up to rounding: the weights' changes from their initialisation agree to a small
+    fraction of their size (Adam's steps are ~lr each, so a rounding difference cannot grow by more)."""
+    from safetensors.torch import load_file
+
+    from cgkernels.demo.base_model import train_base_model
+
+    base = replace(DemoConfig.quick().base, steps=4, n_train_images=64)
+
+    def unet_weights(steps: int, processes: int) -> dict[str, torch.Tensor]:
+        folder = train_base_model(replace(base, steps=steps, train_processes=processes), tmp_path / f"{steps}-{processes}",
+                                  torch.device("cpu"), progress=False)
+        return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+    start, one, two = unet_weights(0, 1), unet_weights(4, 1), unet_weights(4, 2)
+    moved = torch.cat([(one[k] - start[k]).flatten() for k in start]).abs()
+    apart = torch.cat([(one[k] - two[k]).flatten() for k in start]).abs()
+    assert moved.mean() > 0.5 * base.lr  # trained: the comparison is not between initialisations
+    assert apart.mean() < 1e-2 * moved.mean(), (apart.mean(), moved.mean())
+
+
+def test_base_model_refuses_a_batch_that_does_not_split_over_its_processes(tmp_path):
+    from cgkernels.demo.base_model import train_base_model
+
+    config = replace(DemoConfig.quick().base, batch_size=15, train_processes=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        train_base_model(config, tmp_path / "model", torch.device("cpu"), progress=False)
 
 
 def test_ladder_verdict_names_each_miss_with_its_numbers():

@@ -9,6 +9,7 @@ VAE is an `AutoencoderKL` whose weights are set in code so that encode and decod
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -31,6 +32,9 @@ from cgkernels.demo import world
 _VAE_EPS = 3e-3
 _VAE_HIDDEN_PER_CHANNEL = 4
 
+# How long a data-parallel rank waits for the others (start-up: spawn, imports and the dataset take ~10 s).
+RANK_TIMEOUT_SECONDS = 120
+
 
 @dataclass(frozen=True)
 class BaseModelConfig:
@@ -49,6 +53,8 @@ class BaseModelConfig:
     prediction_type: str = "v_prediction"
     caption_dropout: float = 0.1
     seed: int = 0
+    # CPU data parallelism: the batch split over this many single-thread processes (see train_base_model).
+    train_processes: int = 2
 
     def key(self) -> str:
         """Cache key: changes whenever anything that shapes the trained weights changes."""
@@ -190,59 +196,25 @@ def build_scheduler(prediction_type: str = "v_prediction"):
 
 
 def train_base_model(config: BaseModelConfig, out_dir: Path, device: torch.device, progress: bool = True) -> Path:
-    """Train UNet + text encoder jointly on the world (noise-prediction MSE) and save a pipeline folder at `out_dir`."""
+    """Train UNet + text encoder jointly on the world (noise-prediction MSE) and save a pipeline folder at `out_dir`.
+
+    With `config.train_processes` > 1 (CPU only) the batch is split across that many single-thread processes whose
+    gradients are summed (gloo) before each optimiser step: one step of this small model cannot use two threads,
+    two processes can use two cores."""
     from diffusers import StableDiffusionPipeline
 
-    from cgkernels.testing import build_clip_tokenizer
-
-    torch.manual_seed(config.seed)
+    processes = config.train_processes
+    if processes < 1 or config.batch_size % processes:
+        raise ValueError(f"batch_size ({config.batch_size}) must split evenly over train_processes ({processes})")
+    if processes > 1 and device.type != "cpu":
+        raise ValueError(f"train_processes > 1 is a CPU data-parallel path; on {device.type} use train_processes=1")
     out_dir = Path(out_dir)
     staging = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    tokenizer = build_clip_tokenizer(world.caption_words(), staging / "tokenizer_build", model_max_length=77)
-    # The tokenizer may split some words into pieces: size the context to the longest caption, never truncate.
-    longest = max(len(tokenizer(scene.caption).input_ids) for scene in world.all_scenes())
-    tokenizer.model_max_length = longest
-    text_encoder = build_text_encoder(tokenizer, config).to(device)
-    unet = build_unet(config).to(device)
-    scheduler = build_scheduler(config.prediction_type)
-
-    images, captions = world.make_dataset(config.n_train_images, config.seed, config.resolution)
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # [-1, 1]; identity VAE
-    caption_ids = _tokenize(tokenizer, captions)
-    empty_ids = _tokenize(tokenizer, [""])[0]
-
-    # The text encoder learns with the UNet: a random frozen encoder gives poorly separated prompt features.
-    models = torch.nn.ModuleList([unet, text_encoder])
-    ema = _ExponentialMovingAverage(models, config.ema_decay)
-    optimizer = torch.optim.AdamW(models.parameters(), lr=config.lr, weight_decay=1e-2)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, config.steps))
-    alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    generator = torch.Generator().manual_seed(config.seed)
-
-    models.train()
-    bar = tqdm(range(config.steps), desc="base model", disable=not progress)
-    for _ in bar:
-        index = torch.randint(0, len(pixels), (config.batch_size,), generator=generator)
-        x0 = pixels[index].to(device)
-        ids = caption_ids[index].clone()
-        dropped = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
-        ids[dropped] = empty_ids  # classifier-free guidance needs an unconditional model too
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator).to(device)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        hidden = text_encoder(ids.to(device))[0]
-        prediction = unet(noisy, t, hidden).sample
-        loss = _weighted_loss(prediction, x0, noise, a.view(-1), config)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        ema.update(models)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    ema.copy_to(models)  # short runs sample far better from the averaged weights than from the last step's
+    if processes == 1:
+        tokenizer, text_encoder, unet, scheduler = _train_rank(config, 0, None, staging, device, progress)
+    else:
+        tokenizer, text_encoder, unet, scheduler = _train_data_parallel(config, staging, progress)
 
     pipe = StableDiffusionPipeline(
         vae=identity_vae(),
@@ -259,6 +231,158 @@ def train_base_model(config: BaseModelConfig, out_dir: Path, device: torch.devic
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.replace(out_dir)  # atomic: a half-written folder is never mistaken for a cached model
     return out_dir
+
+
+def _train_data_parallel(config: BaseModelConfig, staging: Path, progress: bool):
+    """Rank 0 trains here, ranks 1.. in spawned processes; all ranks end with the same weights."""
+    import multiprocessing
+    import tempfile
+
+    context = multiprocessing.get_context("spawn")  # a fork of a process that has run torch's thread pools can hang
+    with tempfile.TemporaryDirectory(prefix="cgkernels-base-") as rendezvous, \
+            _threads(1):
+        helpers = [context.Process(target=_train_helper_rank, args=(config, rank, rendezvous), daemon=True)
+                   for rank in range(1, config.train_processes)]
+        for helper in helpers:
+            helper.start()
+        try:
+            trained = _train_rank(config, 0, rendezvous, staging, torch.device("cpu"), progress)
+        except RuntimeError as error:  # gloo gives up on a rank that died: say which and why
+            for helper in helpers:
+                helper.join(timeout=5)
+            died = [f"rank {rank} exited with code {helper.exitcode}"
+                    for rank, helper in enumerate(helpers, start=1) if helper.exitcode not in (None, 0)]
+            raise RuntimeError(f"data-parallel base-model training failed ({'; '.join(died) or error})") from error
+        finally:
+            for helper in helpers:
+                helper.join(timeout=60)
+                if helper.is_alive():
+                    helper.terminate()
+        failed = [helper.exitcode for helper in helpers if helper.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"a base-model training process exited with code {failed[0]}")
+    return trained
+
+
+def _train_helper_rank(config: BaseModelConfig, rank: int, rendezvous: str) -> None:
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    _train_rank(config, rank, rendezvous, Path(rendezvous) / f"rank{rank}", torch.device("cpu"), progress=False)
+
+
+@contextlib.contextmanager
+def _threads(count: int):
+    callers = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(callers)
+
+
+def _train_rank(config: BaseModelConfig, rank: int, rendezvous: str | None, scratch: Path, device: torch.device,
+                progress: bool):
+    """The training loop of one process. Every rank draws the whole batch from the same generator and trains on
+    its slice; `rendezvous` (a folder shared by the ranks, None for one process) is where they meet to sum
+    gradients. Returns (tokenizer, text encoder, UNet with the averaged weights, scheduler)."""
+    from cgkernels.testing import build_clip_tokenizer
+
+    torch.manual_seed(config.seed)
+    tokenizer = build_clip_tokenizer(world.caption_words(), scratch / "tokenizer_build", model_max_length=77)
+    # The tokenizer may split some words into pieces: size the context to the longest caption, never truncate.
+    longest = max(len(tokenizer(scene.caption).input_ids) for scene in world.all_scenes())
+    tokenizer.model_max_length = longest
+    text_encoder = build_text_encoder(tokenizer, config).to(device)
+    unet = build_unet(config).to(device)
+    scheduler = build_scheduler(config.prediction_type)
+
+    images, captions = world.make_dataset(config.n_train_images, config.seed, config.resolution)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # [-1, 1]; identity VAE
+    caption_ids = _tokenize(tokenizer, captions)
+    empty_ids = _tokenize(tokenizer, [""])[0]
+
+    # The text encoder learns with the UNet: a random frozen encoder gives poorly separated prompt features.
+    models = torch.nn.ModuleList([unet, text_encoder])
+    gradients = _DataParallelGroup(rendezvous, rank, config.train_processes)
+    gradients.broadcast_weights(models)  # every rank starts from rank 0's initialisation
+    ema = _ExponentialMovingAverage(models, config.ema_decay)
+    optimizer = torch.optim.AdamW(models.parameters(), lr=config.lr, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(config.warmup_steps, config.steps))
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    generator = torch.Generator().manual_seed(config.seed)
+    share = slice(rank * config.batch_size // config.train_processes,
+                  (rank + 1) * config.batch_size // config.train_processes)
+
+    models.train()
+    bar = tqdm(range(config.steps), desc="base model", disable=not progress)
+    for _ in bar:
+        index = torch.randint(0, len(pixels), (config.batch_size,), generator=generator)
+        dropped = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
+        noise = torch.randn((config.batch_size, *pixels.shape[1:]), generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+        index, dropped, noise, t = index[share], dropped[share], noise[share].to(device), t[share].to(device)
+        x0 = pixels[index].to(device)
+        ids = caption_ids[index].clone()
+        ids[dropped] = empty_ids  # classifier-free guidance needs an unconditional model too
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        hidden = text_encoder(ids.to(device))[0]
+        prediction = unet(noisy, t, hidden).sample
+        loss = _weighted_loss(prediction, x0, noise, a.view(-1), config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gradients.average(models)  # the gradient of the whole batch's mean loss, on every rank
+        torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        ema.update(models)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    ema.copy_to(models)  # short runs sample far better from the averaged weights than from the last step's
+    return tokenizer, text_encoder, unet, scheduler
+
+
+class _DataParallelGroup:
+    """Averages gradients over the data-parallel ranks through one flat buffer (one gloo call per step); a no-op
+    for one process."""
+
+    def __init__(self, rendezvous: str | None, rank: int, processes: int):
+        self.processes = processes
+        self.group = None
+        if processes > 1:
+            import datetime
+
+            import torch.distributed as dist
+            from torch.distributed.distributed_c10d import ProcessGroupGloo
+
+            store = dist.FileStore(str(Path(rendezvous) / "store"), processes)
+            # A group of its own, not torch.distributed's global one: a caller's own process group is left alone.
+            # The timeout bounds the wait for a rank that died (each step's exchange takes milliseconds).
+            self.group = ProcessGroupGloo(store, rank, processes, datetime.timedelta(seconds=RANK_TIMEOUT_SECONDS))
+
+    @torch.no_grad()
+    def broadcast_weights(self, module: torch.nn.Module) -> None:
+        if self.group is None:
+            return
+        weights = [p.detach() for p in module.parameters()]
+        flat = torch.cat([w.reshape(-1) for w in weights])
+        self.group.broadcast(flat, 0).wait()
+        _copy_from_flat(weights, flat)
+
+    @torch.no_grad()
+    def average(self, module: torch.nn.Module) -> None:
+        if self.group is None:
+            return
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        self.group.allreduce([flat]).wait()
+        _copy_from_flat(grads, flat.div_(self.processes))
+
+
+def _copy_from_flat(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
+    offset = 0
+    for tensor in tensors:
+        tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
 
 
 def _warmup_cosine(warmup_steps: int, total_steps: int):

@@ -146,7 +146,7 @@ def gain_verdict(gain: float, sem: float) -> str:
 
 
 def write_report(out: Path, config, results, diagnosis, samples, split, timings, cpu_timings, device, *, base_cached: bool,
-                 total_seconds: float, preference_stats: dict, ladder: list[dict]) -> dict[str, str]:
+                 total_seconds: float, preference_stats: dict, sft_stats: dict, ladder: list[dict]) -> dict[str, str]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     print("\n" + ladder_verdict(ladder) + "\n\n" + format_ladder(ladder) + "\n\n" + format_chosen_table(results)
@@ -172,6 +172,7 @@ def write_report(out: Path, config, results, diagnosis, samples, split, timings,
         "results": results,
         "diagnosis": diagnosis,
         "preference_data": preference_stats,
+        "sft_data": sft_stats,
         "prompts": {"evaluation": list(split.evaluation), "validation": list(split.validation),
                     "preference": len(split.preference)},
         "timings_seconds": timings,
@@ -183,14 +184,14 @@ def write_report(out: Path, config, results, diagnosis, samples, split, timings,
     (out / "report.json").write_text(json.dumps(payload, indent=2))
     files["json"] = str(out / "report.json")
     markdown = _markdown(config, results, diagnosis, split, timings, cpu_timings, total_seconds, base_cached, machine,
-                         preference_stats, ladder)
+                         preference_stats, sft_stats, ladder)
     (out / "report.md").write_text(markdown)
     files["markdown"] = str(out / "report.md")
     return files
 
 
 def _markdown(config, results, diagnosis, split, timings, cpu_timings, total_seconds, base_cached, machine, stats,
-              ladder) -> str:
+              sft_stats, ladder) -> str:
     phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
     cpu = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in cpu_timings.items())
     g = config.guidance_scale
@@ -218,7 +219,9 @@ world are labelled pairwise by a noisy Bradley-Terry annotator (temperature {con
 {_pairing(config)}. The labels agree with the reward on {stats['labels_agree_with_reward']:.0%} of the pairs; winners / losers: reward {stats['winner_reward']:.3f} /
 {stats['loser_reward']:.3f}, alignment {stats['winner_alignment']:.3f} / {stats['loser_alignment']:.3f} (position
 {stats['winner_position']:.3f} / {stats['loser_position']:.3f}), aesthetics {stats['winner_aesthetics']:.3f} /
-{stats['loser_aesthetics']:.3f} (tint {stats['winner_tint']:.3f} / {stats['loser_tint']:.3f}).
+{stats['loser_aesthetics']:.3f} (tint {stats['winner_tint']:.3f} / {stats['loser_tint']:.3f}). Those pairs train DPO and
+NPO. SFT imitates a tighter set, {_sft_set(config)}: reward {sft_stats['winner_reward']:.3f} (sft_pos) /
+{sft_stats['loser_reward']:.3f} (sft_neg), tint {sft_stats['winner_tint']:.3f} / {sft_stats['loser_tint']:.3f}.
 
 ## The ladder: each adapter alone with plain CFG
 
@@ -261,6 +264,13 @@ Wall time {total_seconds:.0f} s ({phases}; base model {'from cache' if base_cach
 {'on' if machine['deterministic_algorithms'] else 'off'}. CPU time per phase, of the demo's process and its training
 workers (what each phase costs, summed over threads and processes): {cpu}.
 """
+
+
+def _sft_set(config) -> str:
+    if config.sft_extremes:
+        return (f"each prompt's {config.sft_extremes} best (sft_pos) and {config.sft_extremes} worst (sft_neg) images "
+                "as the annotator ranks them")
+    return "the winner (sft_pos) and loser (sft_neg) of every pair"
 
 
 def _pairing(config) -> str:
