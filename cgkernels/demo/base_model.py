@@ -195,6 +195,23 @@ def build_scheduler(prediction_type: str = "v_prediction"):
     )
 
 
+@contextlib.contextmanager
+def determinism(threads: int):
+    """A fixed thread count and torch's deterministic algorithms (two runs with one seed give the same numbers), for
+    the demo's process, its worker processes and the base model's data-parallel ranks; the caller's settings are
+    restored afterwards, so a process that runs the demo (the tests) keeps its own thread count."""
+    callers_threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(callers_threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
 def train_base_model(config: BaseModelConfig, out_dir: Path, device: torch.device, progress: bool = True) -> Path:
     """Train UNet + text encoder jointly on the world (noise-prediction MSE) and save a pipeline folder at `out_dir`.
 
@@ -239,8 +256,7 @@ def _train_data_parallel(config: BaseModelConfig, staging: Path, progress: bool)
     import tempfile
 
     context = multiprocessing.get_context("spawn")  # a fork of a process that has run torch's thread pools can hang
-    with tempfile.TemporaryDirectory(prefix="cgkernels-base-") as rendezvous, \
-            _threads(1):
+    with tempfile.TemporaryDirectory(prefix="cgkernels-base-") as rendezvous, determinism(1):
         helpers = [context.Process(target=_train_helper_rank, args=(config, rank, rendezvous), daemon=True)
                    for rank in range(1, config.train_processes)]
         for helper in helpers:
@@ -265,19 +281,8 @@ def _train_data_parallel(config: BaseModelConfig, staging: Path, progress: bool)
 
 
 def _train_helper_rank(config: BaseModelConfig, rank: int, rendezvous: str) -> None:
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    _train_rank(config, rank, rendezvous, Path(rendezvous) / f"rank{rank}", torch.device("cpu"), progress=False)
-
-
-@contextlib.contextmanager
-def _threads(count: int):
-    callers = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(callers)
+    with determinism(1):
+        _train_rank(config, rank, rendezvous, Path(rendezvous) / f"rank{rank}", torch.device("cpu"), progress=False)
 
 
 def _train_rank(config: BaseModelConfig, rank: int, rendezvous: str | None, scratch: Path, device: torch.device,

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cgkernels.demo import report, reward, world
-from cgkernels.demo.base_model import BaseModelConfig, cached_base_model, load_pipeline
+from cgkernels.demo.base_model import BaseModelConfig, cached_base_model, determinism, load_pipeline
 from cgkernels.demo.sampler import sample_images
 from cgkernels.evaluate import win_rate
 
@@ -149,23 +149,6 @@ def source_fingerprint(*relative_paths: str) -> str:
     return digest.hexdigest()[:12]
 
 
-@contextlib.contextmanager
-def determinism(threads: int):
-    """A fixed thread count and torch's deterministic algorithms while the demo runs (two runs with one seed give
-    the same numbers); the caller's settings are restored afterwards, so a process that runs the demo (the tests)
-    keeps its own thread count."""
-    callers_threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(callers_threads)
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-
-
 @dataclass(frozen=True)
 class PromptSplit:
     preference: list[str]
@@ -223,9 +206,7 @@ def _run_demo(config: DemoConfig, progress: bool) -> dict:
     samples, ladder_samples = timed("sampling", sample_all, config, model_dir, adapters, split, device, progress)
     results = timed("measurement", measure, config, samples, split)
     ladder = measure_ladder(config, samples[0], ladder_samples, split)
-    pipe = load_pipeline(model_dir, device)
-    for name, path in adapters.items():
-        pipe.load_lora_weights(str(path), adapter_name=name)
+    pipe = load_pipeline_with_adapters(model_dir, device, adapters)
     diagnosis = timed("diagnosis", diagnose, config, pipe, samples, results, split)
     outputs = report.write_report(out, config, results, diagnosis, samples, split, timings, cpu_timings, device,
                                   base_cached=cached, total_seconds=time.perf_counter() - started,
@@ -278,10 +259,17 @@ def build_preference_pairs(config: DemoConfig, model_dir: Path, prompts: list[st
     first, second = _all_pairs(len(prompts), n)
     labels_0 = reward.bradley_terry_labels(rewards[first], rewards[second], config.bt_temperature, config.seed)
     for path, extremes in ((files.dpo, config.pair_extremes), (files.sft, config.sft_extremes)):
-        kept = extreme_pairs(first, second, labels_0, len(prompts), n, extremes) if extremes else (
-            first, second, labels_0)
-        reward.write_pickapic_parquet(path, [captions[i] for i in kept[0]], images[kept[0]], images[kept[1]], kept[2])
+        _write_pairs(path, captions, images, first, second, labels_0, len(prompts), n, extremes)
     return files
+
+
+def _write_pairs(path: Path, captions: list[str], images: np.ndarray, first: np.ndarray, second: np.ndarray,
+                 labels_0: np.ndarray, n_prompts: int, k: int, extremes: int) -> Path:
+    """Pick-a-Pic parquet of the labelled pairs (images prompt-major, k per prompt), cut to the annotator's
+    `extremes` best against its `extremes` worst of each prompt (0: every pair)."""
+    if extremes:
+        first, second, labels_0 = extreme_pairs(first, second, labels_0, n_prompts, k, extremes)
+    return reward.write_pickapic_parquet(path, [captions[i] for i in first], images[first], images[second], labels_0)
 
 
 def extreme_pairs(first: np.ndarray, second: np.ndarray, labels_0: np.ndarray, n_prompts: int, k: int,
@@ -317,9 +305,7 @@ def render_pairs(config: DemoConfig, prompts: list[str], cache: Path) -> Path:
     images = render_images(prompts, k, rng, config)
     first, second = _all_pairs(len(prompts), k)
     labels_0 = rng.integers(0, 2, len(first)).astype(np.float64)
-    if config.sft_extremes:
-        first, second, labels_0 = extreme_pairs(first, second, labels_0, len(prompts), k, config.sft_extremes)
-    return reward.write_pickapic_parquet(path, [captions[i] for i in first], images[first], images[second], labels_0)
+    return _write_pairs(path, captions, images, first, second, labels_0, len(prompts), k, config.sft_extremes)
 
 
 def render_images(prompts: list[str], per_prompt: int, rng: np.random.Generator, config: DemoConfig) -> np.ndarray:
@@ -513,10 +499,8 @@ def _sample_job(job: SamplingJob) -> list[MethodSamples]:
     config, split = job.config, job.split
     val_prompts, val_seeds = _prompt_seed_grid(split.validation, config.val_seeds)
     eval_prompts, eval_seeds = _prompt_seed_grid(split.evaluation, config.eval_seeds)
-    pipe = load_pipeline(job.model_dir, pick_device())
-    if any(method != BASE_METHOD for method, _ in job.runs):  # base CFG runs on the plain pipeline
-        for name, path in job.adapters.items():
-            pipe.load_lora_weights(str(path), adapter_name=name)
+    base_only = all(method == BASE_METHOD for method, _ in job.runs)  # base CFG runs on the plain pipeline
+    pipe = load_pipeline_with_adapters(job.model_dir, pick_device(), {} if base_only else job.adapters)
     samples = []
     for method, strength in job.runs:
         start = time.perf_counter()
@@ -525,6 +509,14 @@ def _sample_job(job: SamplingJob) -> list[MethodSamples]:
         samples.append(MethodSamples(method, strength, images[:len(val_prompts)], images[len(val_prompts):],
                                      (time.perf_counter() - start) / len(images)))
     return samples
+
+
+def load_pipeline_with_adapters(model_dir: Path, device: torch.device, adapters: dict[str, Path]):
+    """The base pipeline with every adapter loaded under its name (unpatched, none active until set)."""
+    pipe = load_pipeline(model_dir, device)
+    for name, path in adapters.items():
+        pipe.load_lora_weights(str(path), adapter_name=name)
+    return pipe
 
 
 @contextlib.contextmanager
