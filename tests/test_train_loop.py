@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,10 @@ def test_adapters_on_convolutions_and_time_embeddings_load_whole(workspace):
     assert all(value.abs().max() > 0 for name, value in trained.items() if ".lora_B." in name)
 
 
+def _rank_logs(folder: Path) -> str:
+    return "\n".join(f"--- rank {r} ---\n" + (folder / f"rank{r}.log").read_text()[-4000:] for r in range(2))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -209,19 +214,31 @@ def test_two_process_ddp_ends_with_identical_adapters(workspace, tmp_path):
         "result = train(config)\n"
         f"open(os.path.join({str(tmp_path)!r}, f\"rank{{os.environ['RANK']}}.json\"), 'w').write(json.dumps(result))\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(script)]
-    # Its own process group: on a timeout the workers torchrun started are killed too, not left running.
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    # The two ranks are started here with the variables torchrun would set (env:// rendezvous, rank 0 hosts the
+    # store), not through torchrun: its agent starts the workers in sessions of their own, out of reach of a
+    # timeout's kill, and with their output on pipes a hung worker hung the whole test run (CI, stop 21).
+    port = _free_port()
+    ranks = []
+    for rank in range(2):
+        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                   LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+        log = open(tmp_path / f"rank{rank}.log", "w")
+        ranks.append((subprocess.Popen([sys.executable, str(script)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True), log))
+    deadline = time.monotonic() + 300
     try:
-        _, stderr = proc.communicate(timeout=300)
+        for proc, _ in ranks:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        pytest.fail(f"2-process training did not finish in 300 s: {stderr[-4000:]}")
-    assert proc.returncode == 0, stderr[-4000:]
+        pytest.fail(f"2-process training did not finish in 300 s:\n{_rank_logs(tmp_path)}")
+    finally:
+        for proc, log in ranks:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            log.close()
+    assert [proc.returncode for proc, _ in ranks] == [0, 0], _rank_logs(tmp_path)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert results[0]["adapter_sha256"] == results[1]["adapter_sha256"]
     assert results[0]["losses"] == results[1]["losses"]
