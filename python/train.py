@@ -1,7 +1,7 @@
 r"""Train preference adapters for cgkernels guidance (SFT pos/neg for cPGD, DPO for PGD, NPO, DPO+NPO).
 
     python python/train.py --model DIR_OR_HUB_ID --dataset PATH --dataset-format pickapic|hpdv3|jsonl \
-        --objective sft|dpo|npo|dpo+npo --output-dir OUT [--rank 8 --lr 1e-4 --batch-size 1 --grad-accum 1 \
+        --objective sft|sft-pos|dpo|npo|dpo+npo --output-dir OUT [--rank 8 --lr 1e-4 --batch-size 1 --grad-accum 1 \
         --max-steps 1000 --resolution 512 --seed 0 --resume --mixed-precision bf16 --cache-latents ...]
 
 Many GPUs / machines: `accelerate launch [--num_processes N] python/train.py ...` (or torchrun). Every option of
@@ -26,11 +26,11 @@ HELP = {
     "dataset": "Pick-a-Pic parquet file or folder of shards (a train-*/test-* split layout uses train-* only), "
                "HPDv3 JSON (or its folder), or JSONL",
     "image_root": "folder that hpdv3/jsonl image paths are relative to (default: the dataset file's folder)",
-    "objective": "sft: pos learns winners, neg losers; dpo: pos by Diffusion-DPO; npo: neg by Diffusion-NPO",
+    "objective": "sft: pos learns winners, neg losers; sft-pos: pos alone learns winners; dpo: pos by Diffusion-DPO; npo: neg by Diffusion-NPO",
     "batch_size": "preference pairs per process per micro-step",
     "beta": "Diffusion-DPO beta",
     "empty_prompt_prob": "share of pairs trained on the pipeline's unconditional branch (the encoded empty prompt, or "
-                         "zeros for SDXL with force_zeros_for_empty_prompt); default 0.2 for sft, 0 otherwise",
+                         "zeros for SDXL with force_zeros_for_empty_prompt); default 0.2 for sft and sft-pos, 0 otherwise",
     "resume": "continue from the newest checkpoint in OUTPUT_DIR/checkpoints",
     "checkpoint_every": "optimizer steps between checkpoints (0: none)",
     "checkpoints_to_keep": "newest checkpoints kept (0: all)",

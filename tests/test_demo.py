@@ -14,7 +14,7 @@ from PIL import Image
 
 from cgkernels.demo import reward, world
 from cgkernels.demo.base_model import BaseModelConfig, _weighted_loss, build_scheduler, identity_vae, vae_roundtrip_error
-from cgkernels.demo.runner import (LADDER, METHODS, DemoConfig, diversity, ladder_as_expected, mark_chosen,
+from cgkernels.demo.runner import (LADDER, METHODS, DemoConfig, diversity, ladder_as_expected, choose_strength,
                                    split_prompts, win_rate)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,11 +157,10 @@ def test_prompt_split_is_three_way_disjoint():
 
 
 def test_chosen_strength_is_the_best_on_validation():
-    rows = [{"method": "base-cfg", "strength": None, "val_mean_gain": 0.0, "chosen": False}]
-    rows += [{"method": "m", "strength": s, "val_mean_gain": g, "chosen": False}
-             for s, g in ((0.5, 0.1), (1.0, 0.3), (2.0, 0.3), (4.0, -0.2))]
-    mark_chosen(rows)
-    assert [row["strength"] for row in rows if row["chosen"]] == [1.0]  # tie with 2: the smaller strength
+    strengths = [0.5, 1.0, 2.0, 4.0]
+    assert choose_strength([0.1, 0.3, 0.3, -0.2], strengths) == 1  # tie with 2: the smaller strength
+    assert choose_strength([0.1, 0.3, 0.31, -0.2], strengths) == 2
+    assert choose_strength([-0.4, -0.3, -0.2, -0.1], strengths) == 3  # the largest even when every one loses
 
 
 def test_bradley_terry_labels_are_seeded_and_follow_rewards():
@@ -231,24 +230,30 @@ def test_quick_demo_writes_the_report(quick_demo):
     results = report["results"]
     expected = [("base-cfg", None)] + [(m, s) for m in METHODS for s in config.strengths]
     assert [(row["method"], row["strength"]) for row in results] == expected
+    evaluation_keys = ("mean_reward", "win_rate", "mean_gain", "gain_sem", "diversity", "mean_alignment",
+                       "mean_aesthetics")
     for row in results:
-        for key in ("mean_reward", "win_rate", "mean_gain", "gain_sem", "diversity", "seconds_per_image",
-                    "val_mean_gain", "mean_alignment", "mean_aesthetics"):
-            assert isinstance(row[key], float) and math.isfinite(row[key]), (row, key)
-        assert 0.0 <= row["win_rate"] <= 1.0 and row["seconds_per_image"] > 0 and row["gain_sem"] >= 0
+        evaluated = row["chosen"] or row["strength"] is None  # base CFG and the chosen strengths only
+        for key in ("val_mean_gain", "val_gain_sem", "val_win_rate", "seconds_per_image") + evaluation_keys:
+            if key in evaluation_keys and not evaluated:
+                assert row[key] is None, (row, key)
+            else:
+                assert isinstance(row[key], float) and math.isfinite(row[key]), (row, key)
+        assert 0.0 <= row["val_win_rate"] <= 1.0 and row["seconds_per_image"] > 0 and row["val_gain_sem"] >= 0
         assert isinstance(row["chosen"], bool)
     assert results[0]["win_rate"] == 0.5 and results[0]["mean_gain"] == 0.0  # base against itself
-    assert not results[0]["chosen"]
+    assert results[0]["val_win_rate"] == 0.5 and not results[0]["chosen"]
     for method in METHODS:  # exactly one chosen strength per method, the best on validation
         rows = [row for row in results if row["method"] == method]
         (chosen,) = [row for row in rows if row["chosen"]]
         assert chosen["val_mean_gain"] == max(row["val_mean_gain"] for row in rows)
+        assert 0.0 <= chosen["win_rate"] <= 1.0 and chosen["gain_sem"] >= 0
     assert set(report["timings_seconds"]) == {"base model", "preference pairs", "adapters", "sampling",
                                               "measurement", "diagnosis"}
     ladder = report["adapters"]
     assert [row["adapter"] for row in ladder] == list(LADDER)
     for row in ladder:
-        for key in ("mean_gain", "gain_sem", "win_rate", "val_mean_gain"):
+        for key in ("mean_gain", "gain_sem", "win_rate", "diversity"):
             assert isinstance(row[key], float) and math.isfinite(row[key]), (row, key)
         assert row["objective"] and isinstance(row["as_expected"], bool)
     assert len(report["prompts"]["evaluation"]) == config.n_eval_prompts
@@ -327,8 +332,9 @@ def test_quick_demo_artifacts_load(quick_demo):
     sft_table = tables["sft"]
     assert set(null_table["caption"]) == set(sft_table["caption"])
     assert len(null_table["caption"]) == len(sft_table["caption"])
-    (null_adapter,) = cache.glob("adapters-renders-*/sft/pos/pytorch_lora_weights.safetensors")
-    assert null_adapter.stat().st_size > 0
+    (null_run,) = cache.glob("adapters-renders-*/sft-pos")  # one adapter: the null test samples only pos
+    assert [p.name for p in null_run.iterdir() if p.is_dir()] == ["pos"]
+    assert (null_run / "pos" / "pytorch_lora_weights.safetensors").stat().st_size > 0
 
 
 def test_adapters_trained_in_worker_processes_equal_runs_in_this_process(quick_demo, tmp_path):
@@ -371,10 +377,21 @@ def test_sampling_in_worker_processes_equals_sampling_in_this_process(quick_demo
         (m, s) for m in config.methods for s in config.strengths]
     assert [s.method for s in ladder_1] == list(LADDER)
     for here, there in zip(methods_1 + ladder_1, methods_2 + ladder_2, strict=True):
-        assert (here.method, here.strength) == (there.method, there.strength)
-        assert np.array_equal(here.validation, there.validation) and np.array_equal(here.evaluation, there.evaluation)
+        assert (here.method, here.strength, here.chosen) == (there.method, there.strength, there.chosen)
+        for images in ("validation", "evaluation", "preview"):
+            ours, theirs = getattr(here, images), getattr(there, images)
+            assert (ours is None and theirs is None) or np.array_equal(ours, theirs), (here.method, images)
+    # Validation at every strength; evaluation only where chosen (one strength per method), base CFG and the ladder.
+    n_val = config.n_val_prompts * len(config.val_seeds)
+    n_eval = config.n_eval_prompts * len(config.eval_seeds)
+    assert all(s.validation.shape[0] == n_val and s.preview.shape[0] == config.n_eval_prompts for s in methods_1)
+    for method in config.methods:
+        (chosen,) = [s for s in methods_1 if s.method == method and s.chosen]
+        assert chosen.evaluation.shape[0] == n_eval and np.array_equal(chosen.preview, chosen.evaluation[::len(config.eval_seeds)])
+        assert all(s.evaluation is None for s in methods_1 if s.method == method and not s.chosen)
+    assert all(s.validation is None and s.evaluation.shape[0] == n_eval for s in ladder_1)
     # and guidance changed the images: the comparison is not between copies of base CFG
-    assert not np.array_equal(methods_1[0].evaluation, methods_1[1].evaluation)
+    assert not np.array_equal(methods_1[0].preview, methods_1[1].preview)
 
 
 def test_base_model_trained_data_parallel_matches_one_process(tmp_path):

@@ -152,7 +152,7 @@ def test_objective_decreases_loss_on_fixed_batch(workspace, components, family, 
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("objective", ["sft", "dpo+npo"])
+@pytest.mark.parametrize("objective", ["sft", "sft-pos", "dpo+npo"])
 def test_joint_gradients_equal_separate_training(workspace, components, family, objective):
     """One segmented transformer pass == one peft pass per adapter, for every LoRA layer kind the targets hit
     (joint attention incl. the context stream, both MLPs, Flux's single blocks), under non-uniform loss weights."""

@@ -16,22 +16,29 @@ FONT_SIZE = 14
 
 
 def format_table(results: list[dict]) -> str:
+    """Every (method, strength) on validation, and base CFG and the chosen strengths on evaluation."""
     lines = [
-        "| method | strength | chosen on validation | mean reward (± s.e.) | gain vs base CFG (± paired s.e.) |"
-        " win rate vs base CFG | beats base? | alignment | aesthetics | validation gain | diversity | s / image |",
+        "| method | strength | chosen on validation | validation gain ± s.e. | validation win rate | evaluation gain "
+        "± s.e. | evaluation win rate | beats base? | alignment | aesthetics | diversity | s / image |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results:
         baseline = row["strength"] is None
         strength = "-" if baseline else f"{row['strength']:g}"
-        verdict = "(baseline)" if baseline else gain_verdict(row["mean_gain"], row["gain_sem"])
         chosen = "-" if baseline else ("**yes**" if row["chosen"] else "")
-        lines.append(
-            f"| {row['method']} | {strength} | {chosen} | {row['mean_reward']:.3f} ± {row['reward_sem']:.3f} | "
-            f"{row['mean_gain']:+.3f} ± {row['gain_sem']:.3f} | {row['win_rate']:.2f} | {verdict} | "
-            f"{row['mean_alignment']:.2f} | {row['mean_aesthetics']:.2f} | {row['val_mean_gain']:+.3f} | "
-            f"{row['diversity']:.3f} | {row['seconds_per_image']:.3f} |"
-        )
+        validation = ("- | -" if baseline else
+                      f"{row['val_mean_gain']:+.3f} ± {row['val_gain_sem']:.3f} | {row['val_win_rate']:.2f}")
+        if row["mean_reward"] is None:
+            evaluation = "not evaluated | - | - | - | - | -"
+        elif baseline:
+            evaluation = (f"reward {row['mean_reward']:.3f} ± {row['reward_sem']:.3f} | - | (baseline) | "
+                          f"{row['mean_alignment']:.2f} | {row['mean_aesthetics']:.2f} | {row['diversity']:.3f}")
+        else:
+            evaluation = (f"{row['mean_gain']:+.3f} ± {row['gain_sem']:.3f} | {row['win_rate']:.2f} | "
+                          f"{gain_verdict(row['mean_gain'], row['gain_sem'])} | {row['mean_alignment']:.2f} | "
+                          f"{row['mean_aesthetics']:.2f} | {row['diversity']:.3f}")
+        lines.append(f"| {row['method']} | {strength} | {chosen} | {validation} | {evaluation} | "
+                     f"{row['seconds_per_image']:.3f} |")
     return "\n".join(lines)
 
 
@@ -55,10 +62,10 @@ MUST = {1: "beat base", -1: "lose", 0: "stay level"}  # what the ladder requires
 def format_ladder(ladder: list[dict]) -> str:
     """Each adapter alone with plain CFG: the first rung; guidance only amplifies what the adapters learned."""
     lines = ["| adapter | trained with | gain vs base CFG ± s.e. | gain / s.e. | win rate | must | as it must? |"
-             " validation gain | diversity |", "|---|---|---|---|---|---|---|---|---|"]
+             " diversity |", "|---|---|---|---|---|---|---|---|"]
     for row in ladder:
         lines.append(f"| {row['adapter']} | {row['objective']} | {_gain_cells(row)} | {MUST[row['expected_sign']]} | "
-                     f"{'yes' if row['as_expected'] else '**no**'} | {row['val_mean_gain']:+.3f} | {row['diversity']:.3f} |")
+                     f"{'yes' if row['as_expected'] else '**no**'} | {row['diversity']:.3f} |")
     return "\n".join(lines)
 
 
@@ -167,8 +174,9 @@ def write_report(out: Path, config, results, diagnosis, samples, split, timings,
         "config": asdict(config),
         "adapters": ladder,
         "goal": goal_check(results),
-        "selection_rule": "per method, the strength with the largest mean paired gain over base CFG on the "
-                          "validation prompts x validation seeds (ties: the smaller strength)",
+        "selection_rule": "per method, the strength with the largest mean reward (= mean paired gain over base "
+                          "CFG) on the validation prompts x validation seeds (ties: the smaller strength); only that "
+                          "strength is sampled on the evaluation prompts x evaluation seeds",
         "results": results,
         "diagnosis": diagnosis,
         "preference_data": preference_stats,
@@ -209,9 +217,10 @@ one prompt with different seeds.
 
 **Strength rule, fixed before any result:** every method is sampled at strengths
 {", ".join(f"{s:g}" for s in config.strengths)} on {len(split.validation)} validation prompts x
-{len(config.val_seeds)} validation seeds; its chosen strength is the one with the largest mean gain there. All
-numbers below are on {len(split.evaluation)} other held-out evaluation prompts x {len(config.eval_seeds)} evaluation
-seeds, which select nothing. {config.sample_steps} DDIM steps, guidance scale {g:g}.
+{len(config.val_seeds)} validation seeds; its chosen strength is the one with the largest mean gain there, and only
+that strength is sampled on {len(split.evaluation)} other held-out evaluation prompts x {len(config.eval_seeds)}
+evaluation seeds, which select nothing. Every evaluation number below comes from there. {config.sample_steps} DDIM
+steps, guidance scale {g:g}.
 
 Preference data: {stats['pairs']} pairs. For each of {len(split.preference)} preference prompts
 {config.samples_per_prompt} base samples ({config.pair_steps} DDIM steps) and {config.pair_renders} render(s) of the
@@ -249,15 +258,20 @@ parts' reward effect is measured on the evaluation set (cond part alone = contra
 
 ## Every strength
 
+On validation every strength, on evaluation base CFG and the chosen strengths only.
+
 {format_table(results)}
 
 ![grid](grid.png)
 
 Rows: evaluation prompts (first evaluation seed); columns: base CFG, each method at its chosen strength, then the
 best method at every strength. Under each cell its reward (r) and the taste's two halves, aesthetics (ae: tint,
-vividness, clutter) and alignment with the prompt (al); the last row: each column's means over all evaluation pairs.
+vividness, clutter) and alignment with the prompt (al); the last row: each column's means over all evaluation pairs
+(where evaluated: base CFG and the chosen strengths).
 
 ![gain and win rate vs strength](strength.png)
+
+The dose-response on validation (every strength), with each chosen strength's evaluation gain as a cross.
 
 Wall time {total_seconds:.0f} s ({phases}; base model {'from cache' if base_cached else 'trained in this run'}),
 {machine['device']}, torch {machine['torch']}, CPU kernels {machine['cpu_capability']}, deterministic algorithms
@@ -315,15 +329,18 @@ def write_grid(path: Path, config, results, samples, eval_prompts) -> Path:
             draw.text((x + 2, FONT_SIZE + 5), "" if sample.strength is None else f"s = {sample.strength:g}",
                       fill="black", font=font)
             for row, prompt in enumerate(eval_prompts):
-                pixels = sample.evaluation[row * n_seeds]
+                pixels = sample.preview[row]
                 y = header + row * cell_height
                 canvas.paste(Image.fromarray(pixels).resize((GRID_CELL, GRID_CELL), Image.NEAREST), (x, y))
                 terms = reward.taste_terms(pixels, prompt)
                 _cell_label(draw, (x + 2, y + GRID_CELL + 2), reward.reward_from_terms(terms),
                             reward.aesthetics(terms), reward.alignment(terms), font)
             means = rows[(sample.method, sample.strength)]  # measure() scored every evaluation image already
-            _cell_label(draw, (x + 2, summary_y + FONT_SIZE + 8), means["mean_reward"], means["mean_aesthetics"],
-                        means["mean_alignment"], font)
+            if means["mean_reward"] is None:  # a strength not chosen is sampled only on each prompt's first seed
+                draw.text((x + 2, summary_y + FONT_SIZE + 8), "not evaluated", fill="grey", font=font)
+            else:
+                _cell_label(draw, (x + 2, summary_y + FONT_SIZE + 8), means["mean_reward"], means["mean_aesthetics"],
+                            means["mean_alignment"], font)
         x += width
     for row, prompt in enumerate(eval_prompts):
         draw.text((4, header + row * cell_height + GRID_CELL // 2 - FONT_SIZE // 2), prompt, fill="black", font=font)
@@ -351,21 +368,24 @@ def write_strength_plot(path: Path, results: list[dict]) -> Path:
     for method in dict.fromkeys(row["method"] for row in results if row["strength"] is not None):
         rows = [row for row in results if row["method"] == method]
         strengths = [row["strength"] for row in rows]
-        line = gain_axis.errorbar(strengths, [r["mean_gain"] for r in rows], yerr=[r["gain_sem"] for r in rows],
-                                  marker="o", capsize=3, label=method)
-        win_axis.plot(strengths, [r["win_rate"] for r in rows], marker="o", label=method)
+        line = gain_axis.errorbar(strengths, [r["val_mean_gain"] for r in rows],
+                                  yerr=[r["val_gain_sem"] for r in rows], marker="o", capsize=3, label=method)
+        win_axis.plot(strengths, [r["val_win_rate"] for r in rows], marker="o", label=method)
         for row in rows:
-            if row["chosen"]:  # the validation-chosen strength, ringed
-                gain_axis.plot(row["strength"], row["mean_gain"], "o", markersize=13, fillstyle="none",
+            if row["chosen"]:  # the validation-chosen strength, ringed; its evaluation result a cross
+                gain_axis.plot(row["strength"], row["val_mean_gain"], "o", markersize=13, fillstyle="none",
                                color=line[0].get_color())
+                gain_axis.plot(row["strength"], row["mean_gain"], "x", markersize=9, color=line[0].get_color())
     gain_axis.axhline(0.0, color="black", linestyle="--", label="base CFG")
     win_axis.axhline(0.5, color="black", linestyle="--", label="parity")
     win_axis.axhline(0.75, color="grey", linestyle=":", label="goal 0.75")
+    strengths = sorted({row["strength"] for row in results if row["strength"] is not None})
     for axis in (gain_axis, win_axis):
         axis.set_xscale("log", base=2)
-    gain_axis.set(xlabel="strength", ylabel="reward gain vs base CFG (evaluation)",
-                  title="gain vs strength (ringed: chosen on validation)")
-    win_axis.set(xlabel="strength", ylabel="win rate vs base CFG (evaluation)", title="win rate vs strength",
+        axis.set_xticks(strengths, [f"{s:g}" for s in strengths])
+    gain_axis.set(xlabel="strength", ylabel="reward gain vs base CFG (validation)",
+                  title="gain vs strength on validation\n(ringed: chosen; x: its gain on evaluation)")
+    win_axis.set(xlabel="strength", ylabel="win rate vs base CFG (validation)", title="win rate vs strength on validation",
                  ylim=(0, 1))
     gain_axis.legend(fontsize=8)
     figure.tight_layout()

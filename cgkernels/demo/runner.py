@@ -12,9 +12,11 @@ that spread (measured in docs/demo/README.md).
 
 Strength selection (declared before any result): the prompts are split three ways by the seed: preference prompts
 (pairs and adapters), validation prompts and evaluation prompts. Every (method, strength) is sampled on the
-validation prompts with the validation seeds and on the evaluation prompts with the evaluation seeds; each method's
-"chosen" strength is the one with the largest mean paired gain over base CFG on the validation set (ties: the
-smaller strength). Evaluation prompts and seeds are used for nothing but the final measurement and the diagnosis.
+validation prompts with the validation seeds; each method's "chosen" strength is the one with the largest mean
+reward there (the largest mean paired gain over base CFG, whose validation images are the same for every strength;
+ties: the smaller strength). Only the chosen strength is then sampled on the evaluation prompts with the evaluation
+seeds, as held-out evaluation does: what is not chosen is not evaluated (the grid shows it on each evaluation
+prompt's first seed). Evaluation prompts and seeds are used for nothing but the final measurement and the diagnosis.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from cgkernels.demo import report, reward, world
 from cgkernels.demo.base_model import BaseModelConfig, cached_base_model, determinism, load_pipeline
 from cgkernels.demo.sampler import sample_images
 from cgkernels.evaluate import win_rate
+from cgkernels.train.config import SFT_OBJECTIVES
 
 # method -> (cgkernels.patch guidance mode, positive adapter, negative adapter)
 METHODS = {
@@ -91,11 +94,15 @@ class DemoConfig:
     # moved the reward alone.
     dpo_beta: float = 1000.0
     eval_seeds: tuple[int, ...] = tuple(range(1000, 1008))  # 8 evaluation prompts x 8 seeds
-    val_seeds: tuple[int, ...] = (2000, 2001, 2002, 2003)
+    # 8 validation prompts x 8 seeds, as many pairs as evaluation: with 4 seeds two methods tied within one s.e.
+    # on validation (seed 0: +0.215 vs +0.205) and the pick split them on evaluation (win 0.67 vs 0.80). Only the
+    # chosen strength is evaluated, so validation at every strength costs less than evaluation there did.
+    val_seeds: tuple[int, ...] = tuple(range(2000, 2008))
     pair_seed_offset: int = 10_000  # preference samples use seeds from here on: never an evaluation/validation seed
-    # Validation chose the lowest strength of the former grid (0.5, 1, 2, 4) in 11 of 24 (method, seed) choices and
-    # 4 in none: the grid moved down one step.
-    strengths: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    # Validation chose the lowest strength of the grid (0.5, 1, 2, 4) in 11 of 24 (method, seed) choices and 4 in
+    # none: the grid moved down one step. On (0.25, 0.5, 1, 2) it chose 2 in none of 30 (seeds 0-3 and the
+    # default-kernel run): 2 went, saving a fifth of the sampling.
+    strengths: tuple[float, ...] = (0.25, 0.5, 1.0)
     methods: tuple[str, ...] = tuple(METHODS)
     sample_batch: int = 64
     diagnosis_timesteps: tuple[int, ...] = (800, 500, 200)
@@ -356,7 +363,8 @@ ADAPTER_FIELDS = ("adapter_rank", "adapter_modules", "adapter_steps", "adapter_b
 
 # objective -> {adapter name: side the trainer writes}
 METHOD_RUNS = {"sft": {"sft_pos": "pos", "sft_neg": "neg"}, "dpo+npo": {"dpo": "pos", "npo": "neg"}}
-NULL_TEST_RUNS = {"sft": {"null_sft": "pos"}}
+# The null test samples only the positive adapter: sft-pos trains it alone, at half the cost of both.
+NULL_TEST_RUNS = {"sft-pos": {"null_sft": "pos"}}
 # The ladder: each adapter alone with plain CFG -> (what it was trained on, the sign its gain must have)
 LADDER = {
     "sft_pos": ("sft on the preferred images", +1),
@@ -396,13 +404,13 @@ def train_adapters(config: DemoConfig, model_dir: Path, training_data: dict[Path
                     lr=config.adapter_lr, batch_size=config.adapter_batch, max_steps=config.adapter_steps,
                     resolution=config.base.resolution, lr_scheduler=config.adapter_lr_schedule,
                     lr_warmup_steps=config.adapter_warmup_steps,
-                    empty_prompt_prob=config.sft_prompt_dropout if objective == "sft" else 0.0, beta=config.dpo_beta,
+                    empty_prompt_prob=config.sft_prompt_dropout if objective in SFT_OBJECTIVES else 0.0, beta=config.dpo_beta,
                     random_flip=False,  # a flip would turn "left" into "right"
                     seed=config.seed, checkpoint_every=0, progress=False,
                 ))
             adapters.update({name: run_dir / side for name, side in names.items()})
     # The preference runs (two adapters, a reference pass) take longest: start them first.
-    jobs.sort(key=lambda job: job.objective == "sft")
+    jobs.sort(key=lambda job: job.objective in SFT_OBJECTIVES)
     with tqdm(total=len(jobs), desc="adapter training runs", disable=not progress or not jobs) as bar:
         run_in_workers(_train_run, jobs, config, bar)
     return adapters
@@ -456,9 +464,12 @@ def _cpu_seconds() -> float:
 class MethodSamples:
     method: str
     strength: float | None
-    validation: np.ndarray  # [validation prompts * validation seeds, H, W, 3] uint8, prompt-major
-    evaluation: np.ndarray  # [evaluation prompts * evaluation seeds, H, W, 3] uint8, prompt-major
+    validation: np.ndarray | None  # [validation prompts * validation seeds, H, W, 3] uint8, prompt-major
+    # [evaluation prompts * evaluation seeds, H, W, 3]: base CFG, each method's chosen strength, the ladder
+    evaluation: np.ndarray | None
+    preview: np.ndarray  # [evaluation prompts, H, W, 3]: each evaluation prompt at its first seed (the grid)
     seconds_per_image: float
+    chosen: bool = False  # the method's strength chosen on validation
 
 
 def _prompt_seed_grid(prompts: list[str], seeds) -> tuple[list[str], list[int]]:
@@ -467,9 +478,10 @@ def _prompt_seed_grid(prompts: list[str], seeds) -> tuple[list[str], list[int]]:
 
 @dataclass(frozen=True)
 class SamplingJob:
-    """Runs of one worker task, each sampled on the validation and the evaluation grid: `runs` are (method,
-    strength) pairs, where the method is BASE_METHOD (plain pipeline) or a METHODS key (patched); with
-    `adapters_alone` they are (adapter name, None): that adapter alone, scale 1, with plain CFG (the ladder)."""
+    """Runs of one worker task. `runs` are (method, strength) pairs: BASE_METHOD (plain pipeline, sampled on the
+    validation and the evaluation grid) or one METHODS key at every strength (each on the validation grid, then
+    the strength chosen there on the evaluation grid); with `adapters_alone` they are (adapter name, None): that
+    adapter alone, scale 1, with plain CFG on the evaluation grid (the ladder)."""
     config: DemoConfig
     model_dir: Path
     adapters: dict[str, Path]
@@ -501,14 +513,40 @@ def _sample_job(job: SamplingJob) -> list[MethodSamples]:
     eval_prompts, eval_seeds = _prompt_seed_grid(split.evaluation, config.eval_seeds)
     base_only = all(method == BASE_METHOD for method, _ in job.runs)  # base CFG runs on the plain pipeline
     pipe = load_pipeline_with_adapters(job.model_dir, pick_device(), {} if base_only else job.adapters)
-    samples = []
-    for method, strength in job.runs:
+
+    def sample(method, strength, prompts, seeds):
         start = time.perf_counter()
         with _configured(pipe, method, strength, job.adapters_alone):
-            images = sample_images(pipe, val_prompts + eval_prompts, val_seeds + eval_seeds, config)
-        samples.append(MethodSamples(method, strength, images[:len(val_prompts)], images[len(val_prompts):],
-                                     (time.perf_counter() - start) / len(images)))
+            images = sample_images(pipe, prompts, seeds, config)
+        return images, time.perf_counter() - start
+
+    n_seeds = len(config.eval_seeds)
+    if job.adapters_alone or base_only:  # one run, measured on the evaluation grid (base CFG: on validation too)
+        (method, strength), = job.runs
+        prompts, seeds = (eval_prompts, eval_seeds) if job.adapters_alone else (val_prompts + eval_prompts,
+                                                                                 val_seeds + eval_seeds)
+        images, seconds = sample(method, strength, prompts, seeds)
+        validation, evaluation = images[:len(prompts) - len(eval_prompts)], images[len(prompts) - len(eval_prompts):]
+        return [MethodSamples(method, strength, None if job.adapters_alone else validation, evaluation,
+                              evaluation[::n_seeds], seconds / len(images))]
+    # One method at every strength on validation, plus each evaluation prompt's first seed for the grid.
+    samples = []
+    for method, strength in job.runs:
+        images, seconds = sample(method, strength, val_prompts + split.evaluation,
+                                 val_seeds + [config.eval_seeds[0]] * len(split.evaluation))
+        samples.append(MethodSamples(method, strength, images[:len(val_prompts)], None, images[len(val_prompts):],
+                                     seconds / len(images)))
+    chosen = choose_strength([reward.taste_rewards(s.validation, val_prompts).mean() for s in samples],
+                             [s.strength for s in samples])
+    best = samples[chosen]
+    best.evaluation, seconds = sample(best.method, best.strength, eval_prompts, eval_seeds)
+    best.preview, best.chosen = best.evaluation[::n_seeds], True
     return samples
+
+
+def choose_strength(val_mean_rewards: list[float], strengths: list[float]) -> int:
+    """Index of the strength with the largest mean validation reward (ties: the smaller strength)."""
+    return max(range(len(strengths)), key=lambda i: (val_mean_rewards[i], -strengths[i]))
 
 
 def load_pipeline_with_adapters(model_dir: Path, device: torch.device, adapters: dict[str, Path]):
@@ -532,21 +570,17 @@ def _configured(pipe, method: str, strength: float | None, adapter_alone: bool):
 
 
 def measure_ladder(config: DemoConfig, base: MethodSamples, ladder: list[MethodSamples], split: PromptSplit) -> list[dict]:
-    """One row per adapter alone: evaluation gain, its s.e. and win rate vs base CFG (and the same on validation),
-    and whether it moved the way it must (positive adapters up, negative down, the null test neither) by > 3 s.e."""
-    val_prompts, _ = _prompt_seed_grid(split.validation, config.val_seeds)
+    """One row per adapter alone: evaluation gain, its s.e. and win rate vs base CFG, and whether it moved the way
+    it must (positive adapters up, negative down, the null test neither) by > 3 s.e."""
     eval_prompts, _ = _prompt_seed_grid(split.evaluation, config.eval_seeds)
-    base_val = reward.taste_rewards(base.validation, val_prompts)
     base_eval = reward.taste_rewards(base.evaluation, eval_prompts)
     rows = []
     for sample in ladder:
         objective, expected_sign = LADDER[sample.method]
         stats = paired_statistics(reward.taste_rewards(sample.evaluation, eval_prompts), base_eval)
-        val = paired_statistics(reward.taste_rewards(sample.validation, val_prompts), base_val)
         rows.append({
             "adapter": sample.method, "objective": objective, "expected_sign": expected_sign,
             "mean_gain": stats["mean_gain"], "gain_sem": stats["gain_sem"], "win_rate": stats["win_rate"],
-            "val_mean_gain": val["mean_gain"], "val_gain_sem": val["gain_sem"], "val_win_rate": val["win_rate"],
             "as_expected": ladder_as_expected(stats["mean_gain"], stats["gain_sem"], expected_sign),
             "diversity": diversity(sample.evaluation, len(config.eval_seeds)),
         })
@@ -586,43 +620,33 @@ def paired_statistics(rewards: np.ndarray, base_rewards: np.ndarray) -> dict[str
     }
 
 
+EVALUATION_FIELDS = ("mean_reward", "reward_sem", "mean_gain", "gain_sem", "win_rate", "mean_alignment",
+                     "mean_aesthetics", "diversity")
+
+
 def measure(config: DemoConfig, samples: list[MethodSamples], split: PromptSplit) -> list[dict]:
-    """One row per (method, strength): evaluation mean reward, paired gain and win rate against base CFG on the same
-    prompt and seed, diversity, seconds per image; the validation gain and win rate; "chosen" on the strength with
-    the largest validation gain of each method (see the module docstring). Gains' standard errors are over
-    (prompt, seed) pairs."""
+    """One row per (method, strength): the validation gain, its s.e. and win rate against base CFG on the same
+    prompt and seed; "chosen" on the strength chosen on validation (see the module docstring); for base CFG and the
+    chosen strengths the evaluation mean reward, paired gain and win rate, alignment, aesthetics and diversity
+    (None where not evaluated); seconds per image. Gains' standard errors are over (prompt, seed) pairs."""
     val_prompts, _ = _prompt_seed_grid(split.validation, config.val_seeds)
     eval_prompts, _ = _prompt_seed_grid(split.evaluation, config.eval_seeds)
     base_val = reward.taste_rewards(samples[0].validation, val_prompts)
     base_eval = reward.taste_rewards(samples[0].evaluation, eval_prompts)
     rows = []
     for sample in samples:
-        rewards = reward.taste_rewards(sample.evaluation, eval_prompts)
         val = paired_statistics(reward.taste_rewards(sample.validation, val_prompts), base_val)
-        terms = [reward.taste_terms(image, prompt) for image, prompt in zip(sample.evaluation, eval_prompts)]
-        rows.append({
-            "method": sample.method,
-            "strength": sample.strength,
-            **paired_statistics(rewards, base_eval),
-            "mean_alignment": float(np.mean([reward.alignment(t) for t in terms])),
-            "mean_aesthetics": float(np.mean([reward.aesthetics(t) for t in terms])),
-            "val_mean_gain": val["mean_gain"],
-            "val_gain_sem": val["gain_sem"],
-            "val_win_rate": val["win_rate"],
-            "diversity": diversity(sample.evaluation, len(config.eval_seeds)),
-            "seconds_per_image": sample.seconds_per_image,
-            "chosen": False,
-        })
-    mark_chosen(rows)
+        row = {"method": sample.method, "strength": sample.strength, **dict.fromkeys(EVALUATION_FIELDS)}
+        if sample.evaluation is not None:
+            terms = [reward.taste_terms(image, prompt) for image, prompt in zip(sample.evaluation, eval_prompts)]
+            row.update(paired_statistics(reward.taste_rewards(sample.evaluation, eval_prompts), base_eval),
+                       mean_alignment=float(np.mean([reward.alignment(t) for t in terms])),
+                       mean_aesthetics=float(np.mean([reward.aesthetics(t) for t in terms])),
+                       diversity=diversity(sample.evaluation, len(config.eval_seeds)))
+        row.update(val_mean_gain=val["mean_gain"], val_gain_sem=val["gain_sem"], val_win_rate=val["win_rate"],
+                   seconds_per_image=sample.seconds_per_image, chosen=sample.chosen)
+        rows.append(row)
     return rows
-
-
-def mark_chosen(rows: list[dict]) -> None:
-    """Per method, "chosen" = the strength with the largest validation gain (ties: the smaller strength)."""
-    for method in dict.fromkeys(row["method"] for row in rows if row["strength"] is not None):
-        candidates = [row for row in rows if row["method"] == method]
-        best = max(candidates, key=lambda row: (row["val_mean_gain"], -row["strength"]))
-        best["chosen"] = True
 
 
 def standard_error(values: np.ndarray) -> float:

@@ -5,15 +5,18 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-OBJECTIVES = ("sft", "dpo", "npo", "dpo+npo")
+OBJECTIVES = ("sft", "sft-pos", "dpo", "npo", "dpo+npo")
 DATASET_FORMATS = ("pickapic", "hpdv3", "jsonl")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 BATCHING = ("joint", "separate")
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "sigma_sqrt", "cosmap", "none")  # diffusers.training_utils' schemes
 
-# Which adapters each objective trains: sft trains both cPGD modules, dpo the PGD positive module, npo the
+# Which adapters each objective trains: sft trains both cPGD modules, sft-pos only the positive one (supervised
+# fine-tuning on the preferred images alone, at half sft's cost), dpo the PGD positive module, npo the
 # Diffusion-NPO negative module, dpo+npo both preference modules against one shared reference pass.
-OBJECTIVE_ADAPTERS = {"sft": ("pos", "neg"), "dpo": ("pos",), "npo": ("neg",), "dpo+npo": ("pos", "neg")}
+OBJECTIVE_ADAPTERS = {"sft": ("pos", "neg"), "sft-pos": ("pos",), "dpo": ("pos",), "npo": ("neg",),
+                      "dpo+npo": ("pos", "neg")}
+SFT_OBJECTIVES = ("sft", "sft-pos")
 
 
 @dataclass
@@ -89,7 +92,7 @@ class TrainConfig:
     def prompt_dropout(self) -> float:
         if self.empty_prompt_prob is not None:
             return self.empty_prompt_prob
-        return 0.2 if self.objective == "sft" else 0.0
+        return 0.2 if self.objective in SFT_OBJECTIVES else 0.0
 
     def validate(self) -> None:
         """Raise a ValueError naming the first bad option, before anything is loaded."""

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from cgkernels.lora_layers import attach_segmented_lora, segment_routing
 from cgkernels.train import flow_matching
-from cgkernels.train.config import TrainConfig
+from cgkernels.train.config import OBJECTIVE_ADAPTERS, SFT_OBJECTIVES, TrainConfig
 from cgkernels.train.data import PairTransform, PreferenceBatches, open_pair_source
 from cgkernels.train.flow_matching import FlowMatchingSettings
 from cgkernels.train.losses import dpo_loss, sft_loss
@@ -414,21 +414,23 @@ def _collect(per_adapter: dict[str, tuple]) -> tuple[torch.Tensor, dict]:
     return loss, metrics
 
 
+SFT_SIDE = {"pos": "w", "neg": "l"}  # SFT: the positive module imitates the winners, the negative the losers
+
+
 def joint_step(unet, reference_unet, inputs: PairInputs, objective: str, beta: float, backward: Callable):
     """All adapters of the objective in one UNet pass (segmented LoRA layers); backward runs inside the routing
     context so gradient-checkpoint recomputation sees the same routing. Returns (loss, metrics)."""
     b = inputs.batch_size
-    if objective == "sft":
-        with segment_routing(unet, [(b, "pos"), (b, "neg")]):
-            pred = _unet_rows(unet, inputs, ["w", "l"])
-            per_adapter = {
-                "pos": (sft_loss(pred[:b], inputs.target["w"], inputs.loss_weights), {}),
-                "neg": (sft_loss(pred[b:], inputs.target["l"], inputs.loss_weights), {}),
-            }
+    adapters = OBJECTIVE_ADAPTERS[objective]
+    if objective in SFT_OBJECTIVES:
+        sides = [SFT_SIDE[a] for a in adapters]
+        with segment_routing(unet, [(b, a) for a in adapters]):
+            pred = _unet_rows(unet, inputs, sides)
+            per_adapter = {a: (sft_loss(pred[i * b:(i + 1) * b], inputs.target[side], inputs.loss_weights), {})
+                           for i, (a, side) in enumerate(zip(adapters, sides))}
             loss, metrics = _collect(per_adapter)
             backward(loss)
         return loss, metrics
-    adapters = {"dpo": ["pos"], "npo": ["neg"], "dpo+npo": ["pos", "neg"]}[objective]
     with torch.no_grad(), segment_routing(reference_unet, [(2 * b, None)]):
         ref = _unet_rows(reference_unet, inputs, ["w", "l"]).float()
     with segment_routing(unet, [(2 * b, a) for a in adapters]):
@@ -456,10 +458,9 @@ def _activate(unet, adapter: Optional[str], lora_params) -> None:
 def separate_step(unet, inputs: PairInputs, objective: str, beta: float, backward: Callable, lora_params):
     """The naive way: one UNet call per adapter, and per adapter its own reference call (plain peft layers)."""
     per_adapter = {}
-    adapters = {"sft": ["pos", "neg"], "dpo": ["pos"], "npo": ["neg"], "dpo+npo": ["pos", "neg"]}[objective]
-    for adapter in adapters:
-        if objective == "sft":
-            side = "w" if adapter == "pos" else "l"
+    for adapter in OBJECTIVE_ADAPTERS[objective]:
+        if objective in SFT_OBJECTIVES:
+            side = SFT_SIDE[adapter]
             _activate(unet, adapter, lora_params)
             pred = _unet_rows(unet, inputs, [side])
             per_adapter[adapter] = (sft_loss(pred, inputs.target[side], inputs.loss_weights), {})
