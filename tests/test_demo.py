@@ -248,7 +248,7 @@ def test_quick_demo_writes_the_report(quick_demo):
         (chosen,) = [row for row in rows if row["chosen"]]
         assert chosen["val_mean_gain"] == max(row["val_mean_gain"] for row in rows)
         assert 0.0 <= chosen["win_rate"] <= 1.0 and chosen["gain_sem"] >= 0
-    assert set(report["timings_seconds"]) == {"base model", "preference pairs", "adapters", "sampling",
+    assert set(report["timings_seconds"]) == {"base model", "preference pairs", "adapters and sampling",
                                               "measurement", "diagnosis"}
     ladder = report["adapters"]
     assert [row["adapter"] for row in ladder] == list(LADDER)
@@ -337,42 +337,32 @@ def test_quick_demo_artifacts_load(quick_demo):
     assert (null_run / "pos" / "pytorch_lora_weights.safetensors").stat().st_size > 0
 
 
-def test_adapters_trained_in_worker_processes_equal_runs_in_this_process(quick_demo, tmp_path):
-    """The quick demo trains its runs side by side in worker processes; the same runs in this process (the same
-    threads per run) write identical adapters, so where a run trained changes no number."""
-    from cgkernels.demo.runner import config_for, train_adapters, training_runs
-
-    cache = quick_demo / "cache"
-    (model_dir,) = [p for p in cache.iterdir() if p.name.startswith("base-")]
-    config = config_for(True, seed=QUICK_SEED, workers=1)
-    assert DemoConfig.quick().workers > 1  # the fixture's run used the worker processes
-    threads = torch.get_num_threads()
-    here = train_adapters(config, model_dir, training_runs(*quick_pair_files(quick_demo)), tmp_path, progress=False)
-    assert torch.get_num_threads() == threads
-    assert set(here) == set(LADDER)
+def test_training_and_sampling_in_worker_processes_equal_runs_in_this_process(quick_demo, tmp_path):
+    """The quick demo trains its runs and samples its tasks side by side in worker processes, sampling tasks
+    starting while other runs still train; the same tasks in this process, one after another (the same threads per
+    task), write identical adapters and images, so where and when a task ran changes no number."""
     from safetensors.torch import load_file
 
-    for folder in here.values():  # the tensors (the metadata lists the target modules in set order)
-        ours = load_file(folder / "pytorch_lora_weights.safetensors")
-        theirs = load_file(cache / folder.relative_to(tmp_path) / "pytorch_lora_weights.safetensors")
-        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-
-
-def test_sampling_in_worker_processes_equals_sampling_in_this_process(quick_demo):
-    """The quick demo samples its methods and the adapters alone in worker processes; the same tasks in this process
-    (the same threads per task) give identical images, so where a task ran changes no number."""
-    from cgkernels.demo.runner import config_for, sample_all, train_adapters, training_runs
+    from cgkernels.demo.runner import config_for, train_and_sample, training_runs
 
     cache = quick_demo / "cache"
     (model_dir,) = [p for p in cache.iterdir() if p.name.startswith("base-")]
     config = config_for(True, seed=QUICK_SEED, methods=("pgd", "contrastive"))
-    adapters = train_adapters(config, model_dir, training_runs(*quick_pair_files(quick_demo)), cache, progress=False)
+    assert config.workers > 1  # the fixture's run used the worker processes
     split = split_prompts(config)
     threads = torch.get_num_threads()
-    runs = {workers: sample_all(replace(config, workers=workers), model_dir, adapters, split, torch.device("cpu"),
-                                progress=False) for workers in (1, 2)}
+    runs = {workers: train_and_sample(replace(config, workers=workers), model_dir,
+                                      training_runs(*quick_pair_files(quick_demo)), tmp_path / f"w{workers}", split,
+                                      torch.device("cpu"), progress=False) for workers in (1, 2)}
     assert torch.get_num_threads() == threads
-    (methods_1, ladder_1), (methods_2, ladder_2) = runs[1], runs[2]
+    (adapters_1, methods_1, ladder_1), (adapters_2, methods_2, ladder_2) = runs[1], runs[2]
+    assert set(adapters_1) == set(adapters_2) == set(LADDER)
+    for name, folder in adapters_1.items():  # the tensors (the metadata lists the target modules in set order)
+        ours = load_file(folder / "pytorch_lora_weights.safetensors")
+        theirs = load_file(adapters_2[name] / "pytorch_lora_weights.safetensors")
+        cached = load_file(cache / folder.relative_to(tmp_path / "w1") / "pytorch_lora_weights.safetensors")
+        assert ours.keys() == theirs.keys() == cached.keys()
+        assert all(torch.equal(ours[k], theirs[k]) and torch.equal(ours[k], cached[k]) for k in ours)
     assert [(s.method, s.strength) for s in methods_1] == [("base-cfg", None)] + [
         (m, s) for m in config.methods for s in config.strengths]
     assert [s.method for s in ladder_1] == list(LADDER)
@@ -387,11 +377,46 @@ def test_sampling_in_worker_processes_equals_sampling_in_this_process(quick_demo
     assert all(s.validation.shape[0] == n_val and s.preview.shape[0] == config.n_eval_prompts for s in methods_1)
     for method in config.methods:
         (chosen,) = [s for s in methods_1 if s.method == method and s.chosen]
-        assert chosen.evaluation.shape[0] == n_eval and np.array_equal(chosen.preview, chosen.evaluation[::len(config.eval_seeds)])
+        assert chosen.evaluation.shape[0] == n_eval
+        assert np.array_equal(chosen.preview, chosen.evaluation[::len(config.eval_seeds)])
         assert all(s.evaluation is None for s in methods_1 if s.method == method and not s.chosen)
     assert all(s.validation is None and s.evaluation.shape[0] == n_eval for s in ladder_1)
     # and guidance changed the images: the comparison is not between copies of base CFG
     assert not np.array_equal(methods_1[0].preview, methods_1[1].preview)
+
+
+def _timed_sleep(job):
+    import time
+
+    name, seconds = job
+    start = time.time()
+    time.sleep(seconds)
+    return name, start, time.time()
+
+
+def test_tasks_wait_for_the_adapters_they_use():
+    """A task starts only after the tasks providing what it needs have finished, while others run meanwhile; what
+    no task provides counts as there already; results keep the tasks' order; in one process an order that breaks a
+    dependency is refused."""
+    from cgkernels.demo.runner import Task, run_tasks
+
+    class Bar:
+        n = 0
+
+        def update(self):
+            self.n += 1
+
+    tasks = [Task(_timed_sleep, ("slow", 1.0), provides=frozenset({"a"})), Task(_timed_sleep, ("fast", 0.0)),
+             Task(_timed_sleep, ("after a", 0.0), needs=frozenset({"a", "cached"}))]
+    for workers in (1, 2):
+        bar = Bar()
+        slow, fast, after = run_tasks(tasks, DemoConfig.quick(workers=workers), bar)
+        assert [slow[0], fast[0], after[0]] == ["slow", "fast", "after a"] and bar.n == 3
+        assert after[1] >= slow[2]
+        if workers == 2:
+            assert fast[2] < slow[2]  # ran beside the slow task, not after it
+    with pytest.raises(ValueError, match="needs"):
+        run_tasks(tasks[::-1], DemoConfig.quick(workers=1), Bar())
 
 
 def test_base_model_trained_data_parallel_matches_one_process(tmp_path):

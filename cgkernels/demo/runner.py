@@ -27,6 +27,7 @@ import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
 from itertools import combinations
 from pathlib import Path
 
@@ -209,8 +210,8 @@ def _run_demo(config: DemoConfig, progress: bool) -> dict:
     pairs = timed("preference pairs", build_preference_pairs, config, model_dir, split.preference, cache, device,
                   progress)
     renders = render_pairs(config, split.preference, cache) if config.null_test else None
-    adapters = timed("adapters", train_adapters, config, model_dir, training_runs(pairs, renders), cache, progress)
-    samples, ladder_samples = timed("sampling", sample_all, config, model_dir, adapters, split, device, progress)
+    adapters, samples, ladder_samples = timed("adapters and sampling", train_and_sample, config, model_dir,
+                                              training_runs(pairs, renders), cache, split, device, progress)
     results = timed("measurement", measure, config, samples, split)
     ladder = measure_ladder(config, samples[0], ladder_samples, split)
     pipe = load_pipeline_with_adapters(model_dir, device, adapters)
@@ -385,57 +386,101 @@ def training_runs(pairs: PreferenceFiles, renders: Path | None) -> dict[Path, di
     return runs
 
 
-def train_adapters(config: DemoConfig, model_dir: Path, training_data: dict[Path, dict[str, dict[str, str]]],
-                   cache: Path, progress: bool) -> dict[str, Path]:
+@dataclass(frozen=True)
+class Task:
+    """One call `function(job)` for a worker process: it may start once every adapter in `needs` that some task
+    `provides` has been trained."""
+    function: Callable
+    job: object
+    needs: frozenset[str] = frozenset()
+    provides: frozenset[str] = frozenset()
+
+
+def train_and_sample(config: DemoConfig, model_dir: Path, training_data: dict[Path, dict[str, dict[str, str]]],
+                     cache: Path, split: PromptSplit, device: torch.device, progress: bool):
+    """Trains the adapters not cached yet and samples base CFG, every method at every strength and each adapter
+    alone, in one pool of worker processes (on CUDA: in this process): a sampling task starts as soon as the
+    adapters it uses exist, so the cPGD forms sample while the DPO/NPO run still trains. Returns (adapters: {name:
+    folder}, base CFG and the methods' samples, the ladder's samples)."""
+    adapters, training = training_tasks(config, model_dir, training_data, cache)
+    sampling = sampling_tasks(config, model_dir, adapters, split)
+    if device.type != "cpu":
+        config = replace(config, workers=1)
+    with tqdm(total=len(training) + len(sampling), desc="training runs and sampling tasks",
+              disable=not progress) as bar:
+        results = run_tasks(training + sampling, config, bar)
+    samples = [sample for result in results[len(training):] for sample in result]
+    n_methods = 1 + len(config.methods) * len(config.strengths)
+    return adapters, samples[:n_methods], samples[n_methods:]
+
+
+def training_tasks(config: DemoConfig, model_dir: Path, training_data: dict[Path, dict[str, dict[str, str]]],
+                   cache: Path) -> tuple[dict[str, Path], list[Task]]:
     """Every training run of every pair file ({parquet: {objective: {adapter name: side}}}, e.g. sft -> sft_pos /
-    sft_neg for cPGD, dpo+npo in one pass -> dpo / npo), the runs not cached yet trained side by side in the
-    worker processes (`run_in_workers`)."""
+    sft_neg for cPGD, dpo+npo in one pass -> dpo / npo): ({adapter name: its folder}, a task per run not cached
+    yet, the longest first)."""
     from cgkernels.train import TrainConfig
 
-    adapters, jobs = {}, []
+    adapters, tasks = {}, []
     for parquet, runs in training_data.items():
         folder = cache / f"adapters-{parquet.stem}-{config.key(*ADAPTER_FIELDS, sources=ADAPTER_SOURCES)}"
         for objective, names in runs.items():
             run_dir = folder / objective.replace("+", "_")
             if not all((run_dir / side / "pytorch_lora_weights.safetensors").exists() for side in names.values()):
-                jobs.append(TrainConfig(
+                tasks.append(Task(_train_run, TrainConfig(
                     model=str(model_dir), dataset=str(parquet), dataset_format="pickapic", objective=objective,
                     output_dir=str(run_dir), rank=config.adapter_rank, target_modules=config.adapter_modules,
                     lr=config.adapter_lr, batch_size=config.adapter_batch, max_steps=config.adapter_steps,
                     resolution=config.base.resolution, lr_scheduler=config.adapter_lr_schedule,
                     lr_warmup_steps=config.adapter_warmup_steps,
-                    empty_prompt_prob=config.sft_prompt_dropout if objective in SFT_OBJECTIVES else 0.0, beta=config.dpo_beta,
+                    empty_prompt_prob=config.sft_prompt_dropout if objective in SFT_OBJECTIVES else 0.0,
+                    beta=config.dpo_beta,
                     random_flip=False,  # a flip would turn "left" into "right"
                     seed=config.seed, checkpoint_every=0, progress=False,
-                ))
+                ), provides=frozenset(names)))
             adapters.update({name: run_dir / side for name, side in names.items()})
     # The preference runs (two adapters, a reference pass) take longest: start them first.
-    jobs.sort(key=lambda job: job.objective in SFT_OBJECTIVES)
-    with tqdm(total=len(jobs), desc="adapter training runs", disable=not progress or not jobs) as bar:
-        run_in_workers(_train_run, jobs, config, bar)
-    return adapters
+    tasks.sort(key=lambda task: task.job.objective in SFT_OBJECTIVES)
+    return adapters, tasks
 
 
-def run_in_workers(function, jobs: list, config: DemoConfig, bar) -> list:
-    """[function(job) for job in jobs], each call with `config.worker_threads` torch threads, in
-    `config.workers` spawned processes (or in this one: its thread settings are restored); `bar` counts finished
-    jobs. Results come back in job order."""
-    if config.workers <= 1 or len(jobs) <= 1:
-        results = []
-        for job in jobs:
-            results.append(_with_threads(function, job, config.worker_threads))
+def run_tasks(tasks: list[Task], config: DemoConfig, bar) -> list:
+    """[task.function(task.job) for task in tasks], each call with `config.worker_threads` torch threads, in
+    `config.workers` spawned processes (or in this one, in list order: its thread settings are restored). A task
+    is queued, in list order, once the tasks that provide what it needs have finished; `bar` counts finished
+    tasks. Results come back in task order."""
+    provided = frozenset().union(*(task.provides for task in tasks))
+    waits_for = [task.needs & provided for task in tasks]  # what is not provided here exists already
+    results, done, queued = [None] * len(tasks), set(), []
+    if config.workers <= 1 or len(tasks) <= 1:
+        for i, task in enumerate(tasks):
+            if not waits_for[i] <= done:
+                raise ValueError(f"task {i} needs {sorted(waits_for[i] - done)}, which no earlier task provides")
+            results[i] = _with_threads(task.function, task.job, config.worker_threads)
+            done |= task.provides
             bar.update()
         return results
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     # spawn: a fork of a process that has run torch's thread pools can hang.
-    with ProcessPoolExecutor(min(config.workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_with_threads, function, job, config.worker_threads): i for i, job in enumerate(jobs)}
-        results = [None] * len(jobs)
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            bar.update()
+    with ProcessPoolExecutor(min(config.workers, len(tasks)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        running = {}
+        while True:
+            for i, task in enumerate(tasks):
+                if i not in queued and waits_for[i] <= done:
+                    running[pool.submit(_with_threads, task.function, task.job, config.worker_threads)] = i
+                    queued.append(i)
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                i = running.pop(future)
+                results[i] = future.result()
+                done |= tasks[i].provides
+                bar.update()
+    if len(queued) < len(tasks):
+        raise ValueError(f"tasks {sorted(set(range(len(tasks))) - set(queued))} need adapters no task provides")
     return results
 
 
@@ -490,21 +535,18 @@ class SamplingJob:
     adapters_alone: bool = False
 
 
-def sample_all(config: DemoConfig, model_dir: Path, adapters: dict[str, Path], split: PromptSplit,
-               device: torch.device, progress: bool) -> tuple[list[MethodSamples], list[MethodSamples]]:
-    """Base CFG and every method at every strength (the comparison), then each adapter alone (the ladder). One
-    task per method (its strengths) and per adapter, spread over the worker processes (on CUDA: in this process)."""
+def sampling_tasks(config: DemoConfig, model_dir: Path, adapters: dict[str, Path], split: PromptSplit) -> list[Task]:
+    """Base CFG and every method at every strength (the comparison), then each adapter alone (the ladder): one
+    task per method (its strengths) and per adapter, each loading only the adapters it uses."""
     method_runs = [((BASE_METHOD, None),)] + [tuple((m, s) for s in config.strengths) for m in config.methods]
     ladder_runs = [((name, None),) for name in LADDER if name in adapters]
-    jobs = [SamplingJob(config, model_dir, adapters, split, runs) for runs in method_runs]
-    jobs += [SamplingJob(config, model_dir, adapters, split, runs, adapters_alone=True) for runs in ladder_runs]
-    if device.type != "cpu":
-        config = replace(config, workers=1)
-    with tqdm(total=len(jobs), desc="sampling tasks", disable=not progress) as bar:
-        results = run_in_workers(_sample_job, jobs, config, bar)
-    samples = [sample for result in results for sample in result]
-    n_methods = 1 + len(config.methods) * len(config.strengths)
-    return samples[:n_methods], samples[n_methods:]
+    tasks = []
+    for i, runs in enumerate(method_runs + ladder_runs):
+        method, alone = runs[0][0], i >= len(method_runs)  # "npo" names both a method and an adapter
+        uses = {method} if alone else {name for name in METHODS.get(method, ())[1:] if name is not None}
+        job = SamplingJob(config, model_dir, {name: adapters[name] for name in sorted(uses)}, split, runs, alone)
+        tasks.append(Task(_sample_job, job, needs=frozenset(uses)))
+    return tasks
 
 
 def _sample_job(job: SamplingJob) -> list[MethodSamples]:
@@ -512,7 +554,7 @@ def _sample_job(job: SamplingJob) -> list[MethodSamples]:
     val_prompts, val_seeds = _prompt_seed_grid(split.validation, config.val_seeds)
     eval_prompts, eval_seeds = _prompt_seed_grid(split.evaluation, config.eval_seeds)
     base_only = all(method == BASE_METHOD for method, _ in job.runs)  # base CFG runs on the plain pipeline
-    pipe = load_pipeline_with_adapters(job.model_dir, pick_device(), {} if base_only else job.adapters)
+    pipe = load_pipeline_with_adapters(job.model_dir, pick_device(), job.adapters)
 
     def sample(method, strength, prompts, seeds):
         start = time.perf_counter()
