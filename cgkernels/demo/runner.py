@@ -451,7 +451,7 @@ def run_tasks(tasks: list[Task], config: DemoConfig, bar) -> list:
     tasks. Results come back in task order."""
     provided = frozenset().union(*(task.provides for task in tasks))
     waits_for = [task.needs & provided for task in tasks]  # what is not provided here exists already
-    results, done, queued = [None] * len(tasks), set(), []
+    results, done, queued = [None] * len(tasks), set(), set()
     if config.workers <= 1 or len(tasks) <= 1:
         for i, task in enumerate(tasks):
             if not waits_for[i] <= done:
@@ -470,7 +470,7 @@ def run_tasks(tasks: list[Task], config: DemoConfig, bar) -> list:
             for i, task in enumerate(tasks):
                 if i not in queued and waits_for[i] <= done:
                     running[pool.submit(_with_threads, task.function, task.job, config.worker_threads)] = i
-                    queued.append(i)
+                    queued.add(i)
             if not running:
                 break
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -480,7 +480,7 @@ def run_tasks(tasks: list[Task], config: DemoConfig, bar) -> list:
                 done |= tasks[i].provides
                 bar.update()
     if len(queued) < len(tasks):
-        raise ValueError(f"tasks {sorted(set(range(len(tasks))) - set(queued))} need adapters no task provides")
+        raise ValueError(f"tasks {sorted(set(range(len(tasks))) - queued)} need adapters no task provides")
     return results
 
 
