@@ -27,9 +27,9 @@ import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
 from itertools import combinations
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -512,7 +512,7 @@ class MethodSamples:
     validation: np.ndarray | None  # [validation prompts * validation seeds, H, W, 3] uint8, prompt-major
     # [evaluation prompts * evaluation seeds, H, W, 3]: base CFG, each method's chosen strength, the ladder
     evaluation: np.ndarray | None
-    preview: np.ndarray  # [evaluation prompts, H, W, 3]: each evaluation prompt at its first seed (the grid)
+    preview: np.ndarray | None  # [evaluation prompts, H, W, 3]: each evaluation prompt at its first seed (grid)
     seconds_per_image: float
     chosen: bool = False  # the method's strength chosen on validation
 
@@ -563,26 +563,27 @@ def _sample_job(job: SamplingJob) -> list[MethodSamples]:
         return images, time.perf_counter() - start
 
     n_seeds = len(config.eval_seeds)
+    first_seed = [config.eval_seeds[0]] * len(split.evaluation)
     if job.adapters_alone or base_only:  # one run, measured on the evaluation grid (base CFG: on validation too)
         (method, strength), = job.runs
-        prompts, seeds = (eval_prompts, eval_seeds) if job.adapters_alone else (val_prompts + eval_prompts,
-                                                                                 val_seeds + eval_seeds)
-        images, seconds = sample(method, strength, prompts, seeds)
-        validation, evaluation = images[:len(prompts) - len(eval_prompts)], images[len(prompts) - len(eval_prompts):]
-        return [MethodSamples(method, strength, None if job.adapters_alone else validation, evaluation,
-                              evaluation[::n_seeds], seconds / len(images))]
-    # One method at every strength on validation, plus each evaluation prompt's first seed for the grid.
+        validation = None if job.adapters_alone else sample(method, strength, val_prompts, val_seeds)[0]
+        evaluation, seconds = sample(method, strength, eval_prompts, eval_seeds)
+        return [MethodSamples(method, strength, validation, evaluation, evaluation[::n_seeds],
+                              seconds / len(evaluation))]
+    # One method at every strength on validation; the strength chosen there on the evaluation grid, the others on
+    # each evaluation prompt's first seed (the grid).
     samples = []
     for method, strength in job.runs:
-        images, seconds = sample(method, strength, val_prompts + split.evaluation,
-                                 val_seeds + [config.eval_seeds[0]] * len(split.evaluation))
-        samples.append(MethodSamples(method, strength, images[:len(val_prompts)], None, images[len(val_prompts):],
-                                     seconds / len(images)))
-    chosen = choose_strength([reward.taste_rewards(s.validation, val_prompts).mean() for s in samples],
-                             [s.strength for s in samples])
-    best = samples[chosen]
-    best.evaluation, seconds = sample(best.method, best.strength, eval_prompts, eval_seeds)
-    best.preview, best.chosen = best.evaluation[::n_seeds], True
+        images, seconds = sample(method, strength, val_prompts, val_seeds)
+        samples.append(MethodSamples(method, strength, images, None, None, seconds / len(images)))
+    best = samples[choose_strength([reward.taste_rewards(s.validation, val_prompts).mean() for s in samples],
+                                   [s.strength for s in samples])]
+    for s in samples:
+        if s is best:
+            s.evaluation, _ = sample(s.method, s.strength, eval_prompts, eval_seeds)
+            s.preview, s.chosen = s.evaluation[::n_seeds], True
+        else:
+            s.preview, _ = sample(s.method, s.strength, split.evaluation, first_seed)
     return samples
 
 
