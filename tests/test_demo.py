@@ -14,8 +14,9 @@ from PIL import Image
 
 from cgkernels.demo import reward, world
 from cgkernels.demo.base_model import BaseModelConfig, _weighted_loss, build_scheduler, identity_vae, vae_roundtrip_error
-from cgkernels.demo.runner import (LADDER, METHODS, DemoConfig, diversity, ladder_as_expected, choose_strength,
+from cgkernels.demo.runner import (LADDER, METHODS, DemoConfig, diversity, ladder_as_expected,
                                    split_prompts, win_rate)
+from cgkernels.demo.selection import ValidationScore, choose, score_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,11 +157,22 @@ def test_prompt_split_is_three_way_disjoint():
     assert not (seeds[0] & seeds[1]) and not (pair_seeds & (seeds[0] | seeds[1]))
 
 
-def test_chosen_strength_is_the_best_on_validation():
-    strengths = [0.5, 1.0, 2.0, 4.0]
-    assert choose_strength([0.1, 0.3, 0.3, -0.2], strengths) == 1  # tie with 2: the smaller strength
-    assert choose_strength([0.1, 0.3, 0.31, -0.2], strengths) == 2
-    assert choose_strength([-0.4, -0.3, -0.2, -0.1], strengths) == 3  # the largest even when every one loses
+def test_selection_picks_the_largest_gain_that_clears_the_goal_on_validation():
+    def score(gain, sem, win, strength, pairs=64):
+        return ValidationScore(gain, sem, win, pairs, strength)
+
+    # On 64 pairs a 0.79 win rate less one binomial s.e. (0.051) falls short of 0.75; 0.81 (less 0.049) clears it.
+    assert not score(0.3, 0.05, 0.79, 1.0).clears_goal() and score(0.2, 0.05, 0.81, 1.0).clears_goal()
+    assert not score(0.2, 0.07, 0.95, 1.0).clears_goal()  # 2.9 s.e.
+    # The margin shrinks with the number of pairs: 0.8 clears on 256 (less 0.025), not on 16 (less 0.1).
+    assert score(0.2, 0.05, 0.8, 1.0, pairs=256).clears_goal() and not score(0.2, 0.05, 0.8, 1.0, pairs=16).clears_goal()
+    # The largest gain among the strengths that clear the bar, not the largest gain overall (s = 1 wins less).
+    assert choose([score(0.15, 0.015, 0.95, 0.25), score(0.24, 0.026, 0.86, 0.5), score(0.30, 0.049, 0.72, 1.0)]) == 1
+    # None clears it: the largest gain in standard errors.
+    assert choose([score(0.05, 0.03, 0.6, 0.25), score(0.20, 0.08, 0.7, 0.5), score(0.30, 0.15, 0.7, 1.0)]) == 1
+    # Ties: the smaller strength; a loss with zero spread ranks below everything.
+    assert choose([score(0.1, 0.0, 1.0, 0.5), score(0.1, 0.0, 1.0, 1.0)]) == 0
+    assert choose([score(-0.1, 0.0, 0.0, 0.5), score(0.0, 0.0, 0.5, 1.0)]) == 1
 
 
 def test_bradley_terry_labels_are_seeded_and_follow_rewards():
@@ -246,7 +258,8 @@ def test_quick_demo_writes_the_report(quick_demo):
     for method in METHODS:  # exactly one chosen strength per method, the best on validation
         rows = [row for row in results if row["method"] == method]
         (chosen,) = [row for row in rows if row["chosen"]]
-        assert chosen["val_mean_gain"] == max(row["val_mean_gain"] for row in rows)
+        assert chosen is rows[choose([score_of(row) for row in rows])]
+        assert chosen["val_pairs"] == config.n_val_prompts * len(config.val_seeds)
         assert 0.0 <= chosen["win_rate"] <= 1.0 and chosen["gain_sem"] >= 0
     assert set(report["timings_seconds"]) == {"base model", "preference pairs", "adapters and sampling",
                                               "measurement", "diagnosis"}
@@ -270,7 +283,7 @@ def test_quick_demo_writes_the_report(quick_demo):
     assert config.pair_extremes != config.sft_extremes  # the quick run builds and trains on both files
 
     markdown = (quick_demo / "report.md").read_text()
-    assert "Strength rule, fixed before any result" in markdown and "## Diagnosis" in markdown
+    assert "**Strength rule:**" in markdown and "## Diagnosis" in markdown
     # the ladder comes before any guidance, and its verdict first of all
     assert markdown.index("## The ladder") < markdown.index("## Each method") < markdown.index("## Diagnosis")
     assert markdown.index("adapters") < markdown.index("Reward:")

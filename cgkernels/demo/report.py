@@ -11,6 +11,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from cgkernels.demo import selection
+from cgkernels.demo.selection import DIVERSITY_FLOOR, GOAL_SEMS, GOAL_WIN_RATE
+
 GRID_CELL = 96  # pixels per image in grid.png (nearest-neighbour upscaling keeps the pixels honest)
 FONT_SIZE = 14
 
@@ -99,12 +102,9 @@ def ladder_verdict(ladder: list[dict]) -> str:
     return verdict
 
 
-GOAL_WIN_RATE, GOAL_SEMS, DIVERSITY_FLOOR = 0.75, 3.0, 0.5
-
-
 def best_method(results: list[dict]) -> dict:
-    """The method whose chosen strength has the largest validation gain: picked on validation, like the strength."""
-    return max((row for row in results if row["chosen"]), key=lambda row: row["val_mean_gain"])
+    """The method whose chosen strength scores best on validation, by the rule that chose the strengths."""
+    return max((row for row in results if row["chosen"]), key=lambda row: selection.score_of(row).key())
 
 
 def goal_check(results: list[dict]) -> dict:
@@ -174,9 +174,11 @@ def write_report(out: Path, config, results, diagnosis, samples, split, timings,
         "config": asdict(config),
         "adapters": ladder,
         "goal": goal_check(results),
-        "selection_rule": "per method, the strength with the largest mean reward (= mean paired gain over base "
-                          "CFG) on the validation prompts x validation seeds (ties: the smaller strength); only that "
-                          "strength is sampled on the evaluation prompts x evaluation seeds",
+        "selection_rule": "on the validation prompts x validation seeds, paired with base CFG: per method, the "
+                          "largest mean gain among the strengths that clear the goal with a margin (win rate less "
+                          "one binomial s.e. >= 0.75 and gain >= 3 s.e.), where none does the largest gain in s.e. "
+                          "(ties: the smaller strength); the best method by the same key; only the chosen strength "
+                          "is sampled on the evaluation prompts x evaluation seeds",
         "results": results,
         "diagnosis": diagnosis,
         "preference_data": preference_stats,
@@ -215,11 +217,13 @@ of (method reward - base reward), with its standard error. "beats base?" = "yes"
 standard errors above zero, "worse" when more than two below. Diversity: mean RMS pixel distance between samples of
 one prompt with different seeds.
 
-**Strength rule, fixed before any result:** every method is sampled at strengths
+**Strength rule:** every method is sampled at strengths
 {", ".join(f"{s:g}" for s in config.strengths)} on {len(split.validation)} validation prompts x
-{len(config.val_seeds)} validation seeds; its chosen strength is the one with the largest mean gain there, and only
-that strength is sampled on {len(split.evaluation)} other held-out evaluation prompts x {len(config.eval_seeds)}
-evaluation seeds, which select nothing. Every evaluation number below comes from there. {config.sample_steps} DDIM
+{len(config.val_seeds)} validation seeds and compared with base CFG pair by pair. Its chosen strength is the one with
+the largest mean gain among those that clear the goal there with a margin (win rate less one binomial standard error
+>= {GOAL_WIN_RATE:g}, gain >= {GOAL_SEMS:g} s.e.); where none does, the one with the largest gain in standard errors.
+The best method is picked by the same rule. Only the chosen strength is sampled on {len(split.evaluation)} other
+held-out evaluation prompts x {len(config.eval_seeds)} evaluation seeds, which select nothing. Every evaluation number below comes from there. {config.sample_steps} DDIM
 steps, guidance scale {g:g}.
 
 Preference data: {stats['pairs']} pairs. For each of {len(split.preference)} preference prompts
@@ -373,20 +377,22 @@ def write_strength_plot(path: Path, results: list[dict]) -> Path:
         win_axis.plot(strengths, [r["val_win_rate"] for r in rows], marker="o", label=method)
         for row in rows:
             if row["chosen"]:  # the validation-chosen strength, ringed; its evaluation result a cross
-                gain_axis.plot(row["strength"], row["val_mean_gain"], "o", markersize=13, fillstyle="none",
-                               color=line[0].get_color())
-                gain_axis.plot(row["strength"], row["mean_gain"], "x", markersize=9, color=line[0].get_color())
+                for axis, validation, evaluation in ((gain_axis, "val_mean_gain", "mean_gain"),
+                                                     (win_axis, "val_win_rate", "win_rate")):
+                    axis.plot(row["strength"], row[validation], "o", markersize=13, fillstyle="none",
+                              color=line[0].get_color())
+                    axis.plot(row["strength"], row[evaluation], "x", markersize=9, color=line[0].get_color())
     gain_axis.axhline(0.0, color="black", linestyle="--", label="base CFG")
     win_axis.axhline(0.5, color="black", linestyle="--", label="parity")
-    win_axis.axhline(0.75, color="grey", linestyle=":", label="goal 0.75")
+    win_axis.axhline(GOAL_WIN_RATE, color="grey", linestyle=":", label=f"goal {GOAL_WIN_RATE:g}")
     strengths = sorted({row["strength"] for row in results if row["strength"] is not None})
     for axis in (gain_axis, win_axis):
         axis.set_xscale("log", base=2)
         axis.set_xticks(strengths, [f"{s:g}" for s in strengths])
     gain_axis.set(xlabel="strength", ylabel="reward gain vs base CFG (validation)",
                   title="gain vs strength on validation\n(ringed: chosen; x: its gain on evaluation)")
-    win_axis.set(xlabel="strength", ylabel="win rate vs base CFG (validation)", title="win rate vs strength on validation",
-                 ylim=(0, 1))
+    win_axis.set(xlabel="strength", ylabel="win rate vs base CFG (validation)",
+                 title="win rate vs strength on validation\n(ringed: chosen; x: its win rate on evaluation)", ylim=(0, 1))
     gain_axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)

@@ -10,13 +10,14 @@ Reproducible: every random draw is seeded from the pipeline seed, torch runs a f
 machine write the same numbers. Another CPU may round differently; the report's verdicts need margins larger than
 that spread (measured in docs/demo/README.md).
 
-Strength selection (declared before any result): the prompts are split three ways by the seed: preference prompts
-(pairs and adapters), validation prompts and evaluation prompts. Every (method, strength) is sampled on the
-validation prompts with the validation seeds; each method's "chosen" strength is the one with the largest mean
-reward there (the largest mean paired gain over base CFG, whose validation images are the same for every strength;
-ties: the smaller strength). Only the chosen strength is then sampled on the evaluation prompts with the evaluation
-seeds, as held-out evaluation does: what is not chosen is not evaluated (the grid shows it on each evaluation
-prompt's first seed). Evaluation prompts and seeds are used for nothing but the final measurement and the diagnosis.
+Strength selection: the prompts are split three ways by the seed: preference prompts (pairs and adapters),
+validation prompts and evaluation prompts. Every (method, strength) is sampled on the validation prompts with the
+validation seeds and compared with base CFG there, pair by pair; each method's "chosen" strength is the one that
+best meets the goal on validation (`selection`: the largest mean gain among the strengths whose win rate and gain
+clear the goal's bar with a margin, else the largest gain in standard errors). Only the chosen strength is then
+sampled on the evaluation prompts with the evaluation seeds, as held-out evaluation does: what is not chosen is not
+evaluated (the grid shows it on each evaluation prompt's first seed). Evaluation prompts and seeds are used for
+nothing but the final measurement and the diagnosis.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import hashlib
 import os
 import json
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from itertools import combinations
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cgkernels.demo import report, reward, world
+from cgkernels.demo import report, reward, selection, world
 from cgkernels.demo.base_model import BaseModelConfig, cached_base_model, determinism, load_pipeline
 from cgkernels.demo.sampler import sample_images
 from cgkernels.evaluate import win_rate
@@ -388,8 +390,8 @@ def training_runs(pairs: PreferenceFiles, renders: Path | None) -> dict[Path, di
 
 @dataclass(frozen=True)
 class Task:
-    """One call `function(job)` for a worker process: it may start once every adapter in `needs` that some task
-    `provides` has been trained."""
+    """One call `function(job)` for a worker process: it may start once every product in `needs` (an adapter, or
+    base CFG's validation rewards) that some task `provides` exists."""
     function: Callable
     job: object
     needs: frozenset[str] = frozenset()
@@ -403,12 +405,14 @@ def train_and_sample(config: DemoConfig, model_dir: Path, training_data: dict[Pa
     adapters it uses exist, so the cPGD forms sample while the DPO/NPO run still trains. Returns (adapters: {name:
     folder}, base CFG and the methods' samples, the ladder's samples)."""
     adapters, training = training_tasks(config, model_dir, training_data, cache)
-    sampling = sampling_tasks(config, model_dir, adapters, split)
     if device.type != "cpu":
         config = replace(config, workers=1)
-    with tqdm(total=len(training) + len(sampling), desc="training runs and sampling tasks",
-              disable=not progress) as bar:
-        results = run_tasks(training + sampling, config, bar)
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix="run-") as scratch:
+        sampling = sampling_tasks(config, model_dir, adapters, split, Path(scratch))
+        with tqdm(total=len(training) + len(sampling), desc="training runs and sampling tasks",
+                  disable=not progress) as bar:
+            results = run_tasks(training + sampling, config, bar)
     samples = [sample for result in results[len(training):] for sample in result]
     n_methods = 1 + len(config.methods) * len(config.strengths)
     return adapters, samples[:n_methods], samples[n_methods:]
@@ -526,26 +530,37 @@ class SamplingJob:
     """Runs of one worker task. `runs` are (method, strength) pairs: BASE_METHOD (plain pipeline, sampled on the
     validation and the evaluation grid) or one METHODS key at every strength (each on the validation grid, then
     the strength chosen there on the evaluation grid); with `adapters_alone` they are (adapter name, None): that
-    adapter alone, scale 1, with plain CFG on the evaluation grid (the ladder)."""
+    adapter alone, scale 1, with plain CFG on the evaluation grid (the ladder). `base_validation`: where base CFG's
+    job writes its validation rewards and a method's job reads them, to choose its strength."""
     config: DemoConfig
     model_dir: Path
     adapters: dict[str, Path]
     split: PromptSplit
     runs: tuple[tuple[str, float | None], ...]
     adapters_alone: bool = False
+    base_validation: Path | None = None
 
 
-def sampling_tasks(config: DemoConfig, model_dir: Path, adapters: dict[str, Path], split: PromptSplit) -> list[Task]:
+def sampling_tasks(config: DemoConfig, model_dir: Path, adapters: dict[str, Path], split: PromptSplit,
+                   scratch: Path) -> list[Task]:
     """Base CFG and every method at every strength (the comparison), then each adapter alone (the ladder): one
-    task per method (its strengths) and per adapter, each loading only the adapters it uses."""
+    task per method (its strengths) and per adapter, each loading only the adapters it uses. A method's task also
+    waits for base CFG's, whose validation rewards (in `scratch`) it chooses its strength against."""
     method_runs = [((BASE_METHOD, None),)] + [tuple((m, s) for s in config.strengths) for m in config.methods]
     ladder_runs = [((name, None),) for name in LADDER if name in adapters]
+    base_validation = scratch / "base-cfg-validation-rewards.npy"
     tasks = []
     for i, runs in enumerate(method_runs + ladder_runs):
         method, alone = runs[0][0], i >= len(method_runs)  # "npo" names both a method and an adapter
         uses = {method} if alone else {name for name in METHODS.get(method, ())[1:] if name is not None}
-        job = SamplingJob(config, model_dir, {name: adapters[name] for name in sorted(uses)}, split, runs, alone)
-        tasks.append(Task(_sample_job, job, needs=frozenset(uses)))
+        job = SamplingJob(config, model_dir, {name: adapters[name] for name in sorted(uses)}, split, runs, alone,
+                          None if alone else base_validation)
+        if alone:
+            tasks.append(Task(_sample_job, job, needs=frozenset(uses)))
+        elif method == BASE_METHOD:
+            tasks.append(Task(_sample_job, job, provides=frozenset({BASE_METHOD})))
+        else:
+            tasks.append(Task(_sample_job, job, needs=frozenset(uses | {BASE_METHOD})))
     return tasks
 
 
@@ -567,6 +582,8 @@ def _sample_job(job: SamplingJob) -> list[MethodSamples]:
     if job.adapters_alone or base_only:  # one run, measured on the evaluation grid (base CFG: on validation too)
         (method, strength), = job.runs
         validation = None if job.adapters_alone else sample(method, strength, val_prompts, val_seeds)[0]
+        if base_only:
+            np.save(job.base_validation, reward.taste_rewards(validation, val_prompts))
         evaluation, seconds = sample(method, strength, eval_prompts, eval_seeds)
         return [MethodSamples(method, strength, validation, evaluation, evaluation[::n_seeds],
                               seconds / len(evaluation))]
@@ -576,8 +593,10 @@ def _sample_job(job: SamplingJob) -> list[MethodSamples]:
     for method, strength in job.runs:
         images, seconds = sample(method, strength, val_prompts, val_seeds)
         samples.append(MethodSamples(method, strength, images, None, None, seconds / len(images)))
-    best = samples[choose_strength([reward.taste_rewards(s.validation, val_prompts).mean() for s in samples],
-                                   [s.strength for s in samples])]
+    base_validation = np.load(job.base_validation)
+    scores = [validation_score(reward.taste_rewards(s.validation, val_prompts), base_validation, s.strength)
+              for s in samples]
+    best = samples[selection.choose(scores)]
     for s in samples:
         if s is best:
             s.evaluation, _ = sample(s.method, s.strength, eval_prompts, eval_seeds)
@@ -587,9 +606,9 @@ def _sample_job(job: SamplingJob) -> list[MethodSamples]:
     return samples
 
 
-def choose_strength(val_mean_rewards: list[float], strengths: list[float]) -> int:
-    """Index of the strength with the largest mean validation reward (ties: the smaller strength)."""
-    return max(range(len(strengths)), key=lambda i: (val_mean_rewards[i], -strengths[i]))
+def validation_score(rewards: np.ndarray, base_rewards: np.ndarray, strength: float) -> selection.ValidationScore:
+    stats = paired_statistics(rewards, base_rewards)
+    return selection.ValidationScore(stats["mean_gain"], stats["gain_sem"], stats["win_rate"], len(rewards), strength)
 
 
 def load_pipeline_with_adapters(model_dir: Path, device: torch.device, adapters: dict[str, Path]):
@@ -687,7 +706,7 @@ def measure(config: DemoConfig, samples: list[MethodSamples], split: PromptSplit
                        mean_aesthetics=float(np.mean([reward.aesthetics(t) for t in terms])),
                        diversity=diversity(sample.evaluation, len(config.eval_seeds)))
         row.update(val_mean_gain=val["mean_gain"], val_gain_sem=val["gain_sem"], val_win_rate=val["win_rate"],
-                   seconds_per_image=sample.seconds_per_image, chosen=sample.chosen)
+                   val_pairs=len(val_prompts), seconds_per_image=sample.seconds_per_image, chosen=sample.chosen)
         rows.append(row)
     return rows
 
