@@ -175,10 +175,9 @@ def write_report(out: Path, config, results, diagnosis, samples, split, timings,
         "adapters": ladder,
         "goal": goal_check(results),
         "selection_rule": "on the validation prompts x validation seeds, paired with base CFG: per method, the "
-                          "largest mean gain among the strengths that clear the goal with a margin (win rate less "
-                          "one binomial s.e. >= 0.75 and gain >= 3 s.e.), where none does the largest gain in s.e. "
-                          "(ties: the smaller strength); the best method by the same key; only the chosen strength "
-                          "is sampled on the evaluation prompts x evaluation seeds",
+                          "strength with the largest gain in standard errors (ties: the smaller strength); the best "
+                          "method likewise; only the chosen strength is sampled on the evaluation prompts x "
+                          "evaluation seeds",
         "results": results,
         "diagnosis": diagnosis,
         "preference_data": preference_stats,
@@ -219,10 +218,9 @@ one prompt with different seeds.
 
 **Strength rule:** every method is sampled at strengths
 {", ".join(f"{s:g}" for s in config.strengths)} on {len(split.validation)} validation prompts x
-{len(config.val_seeds)} validation seeds and compared with base CFG pair by pair. Its chosen strength is the one with
-the largest mean gain among those that clear the goal there with a margin (win rate less one binomial standard error
->= {GOAL_WIN_RATE:g}, gain >= {GOAL_SEMS:g} s.e.); where none does, the one with the largest gain in standard errors.
-The best method is picked by the same rule. Only the chosen strength is sampled on {len(split.evaluation)} other
+{len(config.val_seeds)} validation seeds and compared with base CFG pair by pair. Its chosen strength is the one whose
+gain there is largest in standard errors (the paired t-ratio: the most reliable improvement, not the largest mean
+one, which at high strengths comes with more losses). The best method is picked by the same rule. Only the chosen strength is sampled on {len(split.evaluation)} other
 held-out evaluation prompts x {len(config.eval_seeds)} evaluation seeds, which select nothing. Every evaluation number below comes from there. {config.sample_steps} DDIM
 steps, guidance scale {g:g}.
 

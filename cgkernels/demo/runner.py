@@ -12,9 +12,8 @@ that spread (measured in docs/demo/README.md).
 
 Strength selection: the prompts are split three ways by the seed: preference prompts (pairs and adapters),
 validation prompts and evaluation prompts. Every (method, strength) is sampled on the validation prompts with the
-validation seeds and compared with base CFG there, pair by pair; each method's "chosen" strength is the one that
-best meets the goal on validation (`selection`: the largest mean gain among the strengths whose win rate and gain
-clear the goal's bar with a margin, else the largest gain in standard errors). Only the chosen strength is then
+validation seeds and compared with base CFG there, pair by pair; each method's "chosen" strength is the one whose
+gain is largest in standard errors (`selection`; ties: the smaller strength). Only the chosen strength is then
 sampled on the evaluation prompts with the evaluation seeds, as held-out evaluation does: what is not chosen is not
 evaluated (the grid shows it on each evaluation prompt's first seed). Evaluation prompts and seeds are used for
 nothing but the final measurement and the diagnosis.
@@ -608,7 +607,7 @@ def _sample_job(job: SamplingJob) -> list[MethodSamples]:
 
 def validation_score(rewards: np.ndarray, base_rewards: np.ndarray, strength: float) -> selection.ValidationScore:
     stats = paired_statistics(rewards, base_rewards)
-    return selection.ValidationScore(stats["mean_gain"], stats["gain_sem"], stats["win_rate"], len(rewards), strength)
+    return selection.ValidationScore(stats["mean_gain"], stats["gain_sem"], stats["win_rate"], strength)
 
 
 def load_pipeline_with_adapters(model_dir: Path, device: torch.device, adapters: dict[str, Path]):
@@ -706,7 +705,7 @@ def measure(config: DemoConfig, samples: list[MethodSamples], split: PromptSplit
                        mean_aesthetics=float(np.mean([reward.aesthetics(t) for t in terms])),
                        diversity=diversity(sample.evaluation, len(config.eval_seeds)))
         row.update(val_mean_gain=val["mean_gain"], val_gain_sem=val["gain_sem"], val_win_rate=val["win_rate"],
-                   val_pairs=len(val_prompts), seconds_per_image=sample.seconds_per_image, chosen=sample.chosen)
+                   seconds_per_image=sample.seconds_per_image, chosen=sample.chosen)
         rows.append(row)
     return rows
 

@@ -1,10 +1,13 @@
 """The goal the demo judges on the evaluation set, and the rule that picks each method's strength and the best method
-on the validation set: the same bar, with a margin for the optimism of a pick.
+on the validation set: the largest gain in standard errors (gain / s.e., the paired t-ratio against base CFG).
 
 Why not the largest mean gain (the rule until this round): on validation the mean gain still rises from s = 0.5 to
-s = 1 while the win rate falls (at s = 1 the guidance pushes some backgrounds past the liked tint, or flips one that
-already had it), so that rule picked strengths whose win rates sat at the goal's threshold and missed it as often as
-not. This rule picks the largest gain among the strengths that clear the goal on validation with room to spare.
+s = 1 while the win rate falls (at s = 1 the guidance flips some backgrounds that base CFG drew in the liked tint to
+another, or pushes them past it), so that rule picked strengths whose win rates sat at the goal's threshold and
+missed the goal at 5 of 10 seeds. The t-ratio prefers the strength whose gain is largest against its spread: the
+one that improves the most images reliably. It was fixed before seeds 4-9 were run and met the goal at 5 of those
+6 (at 8 of 10 seeds in all); a third rule (the largest gain among the strengths that clear the goal on validation
+with a margin) met it at 7 of 10 (docs/demo/README.md).
 """
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ class ValidationScore:
     mean_gain: float
     gain_sem: float
     win_rate: float
-    pairs: int
     strength: float
 
     @property
@@ -29,19 +31,9 @@ class ValidationScore:
             return self.mean_gain / self.gain_sem
         return math.copysign(math.inf, self.mean_gain) if self.mean_gain else 0.0
 
-    def clears_goal(self) -> bool:
-        """The goal's bar on validation with a margin: the win rate less one binomial standard error still reaches
-        GOAL_WIN_RATE (a pick is the best of several noisy scores, so its validation win rate is optimistic), and
-        the gain is at least GOAL_SEMS standard errors."""
-        margin = math.sqrt(self.win_rate * (1.0 - self.win_rate) / self.pairs)
-        return self.win_rate - margin >= GOAL_WIN_RATE and self.gain_in_sems >= GOAL_SEMS
-
     def key(self) -> tuple:
-        """Larger is better: any score that clears the goal beats any that does not; among those that do, the
-        larger mean gain; among those that do not, the larger gain in standard errors; ties: the smaller
-        strength."""
-        clears = self.clears_goal()
-        return clears, self.mean_gain if clears else self.gain_in_sems, -self.strength
+        """Larger is better: the larger gain in standard errors; ties: the smaller strength."""
+        return self.gain_in_sems, -self.strength
 
 
 def choose(scores: list[ValidationScore]) -> int:
@@ -51,5 +43,4 @@ def choose(scores: list[ValidationScore]) -> int:
 
 def score_of(row: dict) -> ValidationScore:
     """The validation score of a report row (runner.measure)."""
-    return ValidationScore(row["val_mean_gain"], row["val_gain_sem"], row["val_win_rate"], row["val_pairs"],
-                           row["strength"])
+    return ValidationScore(row["val_mean_gain"], row["val_gain_sem"], row["val_win_rate"], row["strength"])
