@@ -159,7 +159,7 @@ def test_prompt_split_is_three_way_disjoint():
 
 def test_selection_picks_the_largest_gain_in_standard_errors_on_validation():
     def score(gain, sem, strength):
-        return ValidationScore(gain, sem, win_rate=0.8, strength=strength)
+        return ValidationScore(gain, sem, strength)
 
     # Not the largest mean gain: at s = 1 the gain is larger but so is its spread (more images lose).
     assert choose([score(0.15, 0.015, 0.25), score(0.24, 0.020, 0.5), score(0.30, 0.049, 1.0)]) == 1

@@ -607,7 +607,7 @@ def _sample_job(job: SamplingJob) -> list[MethodSamples]:
 
 def validation_score(rewards: np.ndarray, base_rewards: np.ndarray, strength: float) -> selection.ValidationScore:
     stats = paired_statistics(rewards, base_rewards)
-    return selection.ValidationScore(stats["mean_gain"], stats["gain_sem"], stats["win_rate"], strength)
+    return selection.ValidationScore(stats["mean_gain"], stats["gain_sem"], strength)
 
 
 def load_pipeline_with_adapters(model_dir: Path, device: torch.device, adapters: dict[str, Path]):

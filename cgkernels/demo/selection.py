@@ -22,7 +22,6 @@ class ValidationScore:
     """One (method, strength) against base CFG on the validation pairs (same prompt and seed)."""
     mean_gain: float
     gain_sem: float
-    win_rate: float
     strength: float
 
     @property
@@ -43,4 +42,4 @@ def choose(scores: list[ValidationScore]) -> int:
 
 def score_of(row: dict) -> ValidationScore:
     """The validation score of a report row (runner.measure)."""
-    return ValidationScore(row["val_mean_gain"], row["val_gain_sem"], row["val_win_rate"], row["strength"])
+    return ValidationScore(row["val_mean_gain"], row["val_gain_sem"], row["strength"])
