@@ -218,10 +218,11 @@ one prompt with different seeds.
 
 **Strength rule:** every method is sampled at strengths
 {", ".join(f"{s:g}" for s in config.strengths)} on {len(split.validation)} validation prompts x
-{len(config.val_seeds)} validation seeds and compared with base CFG pair by pair. Its chosen strength is the one whose
-gain there is largest in standard errors (the paired t-ratio: the most reliable improvement, not the largest mean
-one, which at high strengths comes with more losses). The best method is picked by the same rule. Only the chosen strength is sampled on {len(split.evaluation)} other
-held-out evaluation prompts x {len(config.eval_seeds)} evaluation seeds, which select nothing. Every evaluation number below comes from there. {config.sample_steps} DDIM
+{len(config.val_seeds)} validation seeds and compared with base CFG pair by pair. Its chosen strength is the one
+whose gain there is largest in standard errors (the paired t-ratio: the most reliable improvement, not the largest
+mean one, which at high strengths comes with more losses). The best method is picked by the same rule. Only the
+chosen strength is sampled on {len(split.evaluation)} other held-out evaluation prompts x {len(config.eval_seeds)}
+evaluation seeds, which select nothing. Every evaluation number below comes from there. {config.sample_steps} DDIM
 steps, guidance scale {g:g}.
 
 Preference data: {stats['pairs']} pairs. For each of {len(split.preference)} preference prompts
