@@ -14,6 +14,7 @@ from PIL import Image
 
 from cgkernels.demo import reward, world
 from cgkernels.demo.base_model import BaseModelConfig, _weighted_loss, build_scheduler, identity_vae, vae_roundtrip_error
+from cgkernels.demo.diagnosis import PART_WEIGHTS, cpgd_parts
 from cgkernels.demo.runner import (LADDER, METHODS, DemoConfig, diversity, ladder_as_expected,
                                    split_prompts, win_rate)
 from cgkernels.demo.selection import ValidationScore, choose, score_of
@@ -134,6 +135,16 @@ def test_ladder_needs_three_standard_errors():
     assert ladder_as_expected(0.31, 0.1, +1) and not ladder_as_expected(0.29, 0.1, +1)
     assert ladder_as_expected(-0.31, 0.1, -1) and not ladder_as_expected(0.5, 0.1, -1)
     assert ladder_as_expected(0.29, 0.1, 0) and not ladder_as_expected(-0.31, 0.1, 0)  # the null test stays level
+
+
+def test_cpgd_parts_add_up_to_published_cpgd():
+    """The diagnosis applies cPGD's cond part and uncond part alone; their (w_c, w_u) weights times their strengths
+    must add up to published cPGD's at strength s."""
+    for strength, g in ((0.25, 4.0), (1.0, 7.5), (0.5, 1.0)):
+        parts = cpgd_parts(strength, g)
+        assert [part for part, _, _ in parts] == ["cond", "uncond"]
+        summed = np.sum([np.multiply(PART_WEIGHTS[mode](g), part_strength) for _, mode, part_strength in parts], 0)
+        assert summed == pytest.approx(np.multiply(PART_WEIGHTS["contrastive"](g), strength), rel=1e-12)
 
 
 def test_largest_component_ignores_stray_blobs():
@@ -378,6 +389,8 @@ def test_training_and_sampling_in_worker_processes_equal_runs_in_this_process(qu
         for images in ("validation", "evaluation", "preview"):
             ours, theirs = getattr(here, images), getattr(there, images)
             assert (ours is None and theirs is None) or np.array_equal(ours, theirs), (here.method, images)
+        assert (here.parts is None) == (there.parts is None)
+        assert here.parts is None or all(np.array_equal(here.parts[p], there.parts[p]) for p in here.parts)
     # Validation at every strength; evaluation only where chosen (one strength per method), base CFG and the ladder.
     n_val = config.n_val_prompts * len(config.val_seeds)
     n_eval = config.n_eval_prompts * len(config.eval_seeds)
@@ -388,6 +401,11 @@ def test_training_and_sampling_in_worker_processes_equal_runs_in_this_process(qu
         assert np.array_equal(chosen.preview, chosen.evaluation[::len(config.eval_seeds)])
         assert all(s.evaluation is None for s in methods_1 if s.method == method and not s.chosen)
     assert all(s.validation is None and s.evaluation.shape[0] == n_eval for s in ladder_1)
+    # cPGD's chosen strength also carries its two parts alone (the diagnosis), on the evaluation grid
+    (cpgd,) = [s for s in methods_1 + ladder_1 if s.parts is not None]
+    assert (cpgd.method, cpgd.chosen, set(cpgd.parts)) == ("contrastive", True, {"cond", "uncond"})
+    assert all(images.shape == cpgd.evaluation.shape for images in cpgd.parts.values())
+    assert not np.array_equal(cpgd.parts["cond"], cpgd.parts["uncond"])
     # and guidance changed the images: the comparison is not between copies of base CFG
     assert not np.array_equal(methods_1[0].preview, methods_1[1].preview)
 

@@ -19,8 +19,6 @@ is applied alone (cond part = contrastive-cond at s*g, uncond part = contrastive
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import numpy as np
 import torch
 
@@ -118,13 +116,17 @@ def correction_parts(pipe, config, chosen: dict[str, float], x0_images: np.ndarr
     return rows
 
 
-def part_alone_rewards(rows: list[dict], strength: float, guidance_scale: float,
-                       sample_part: Callable[[str, float], dict]) -> None:
-    """Adds to cPGD's row the reward statistics of its cond part alone and its uncond part alone."""
+def cpgd_parts(strength: float, guidance_scale: float) -> tuple[tuple[str, str, float], ...]:
+    """Published cPGD's correction at `strength` split into (part, the guidance mode that applies that part alone,
+    its strength there): the cond part is contrastive-cond at s * g, the uncond part contrastive-uncond at
+    s * (1 - g)."""
     g = guidance_scale
+    return ("cond", "contrastive-cond", strength * g), ("uncond", "contrastive-uncond", strength * (1.0 - g))
+
+
+def part_alone_rewards(rows: list[dict], part_stats: dict[str, dict]) -> None:
+    """Adds to cPGD's row the reward statistics ({part: paired statistics vs base CFG}) of each part alone."""
     row = next(r for r in rows if r["method"] == "contrastive")
-    for part, mode, part_strength in (("cond", "contrastive-cond", strength * g),
-                                      ("uncond", "contrastive-uncond", strength * (1.0 - g))):
-        stats = sample_part(mode, part_strength)
+    for part, stats in part_stats.items():
         row[f"{part}_alone_gain"], row[f"{part}_alone_gain_sem"] = stats["mean_gain"], stats["gain_sem"]
         row[f"{part}_alone_win_rate"] = stats["win_rate"]

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from cgkernels.demo import report, reward, selection, world
 from cgkernels.demo.base_model import BaseModelConfig, cached_base_model, determinism, load_pipeline
+from cgkernels.demo.diagnosis import correction_parts, cpgd_parts, part_alone_rewards
 from cgkernels.demo.sampler import sample_images
 from cgkernels.evaluate import win_rate
 from cgkernels.train.config import SFT_OBJECTIVES
@@ -95,7 +96,10 @@ class DemoConfig:
     # Diffusion-DPO's beta (dpo and npo): SD's 5000 held these adapters so close to the base model that neither
     # moved the reward alone.
     dpo_beta: float = 1000.0
-    eval_seeds: tuple[int, ...] = tuple(range(1000, 1008))  # 8 evaluation prompts x 8 seeds
+    # 8 evaluation prompts x 16 seeds. With 8 seeds a rung of the ladder that gains +0.15 (sft_pos's mean over 12
+    # seeds) sits at about 3 s.e. (pair spread about 0.4), so the 3-s.e. verdict was a coin toss; 128 pairs cut the
+    # standard errors by 1.4x, at about 45 s of sampling.
+    eval_seeds: tuple[int, ...] = tuple(range(1000, 1016))
     # 8 validation prompts x 8 seeds, as many pairs as evaluation: with 4 seeds two methods tied within one s.e.
     # on validation (seed 0: +0.215 vs +0.205) and the pick split them on evaluation (win 0.67 vs 0.80). Only the
     # chosen strength is evaluated, so validation at every strength costs less than evaluation there did.
@@ -518,6 +522,9 @@ class MethodSamples:
     preview: np.ndarray | None  # [evaluation prompts, H, W, 3]: each evaluation prompt at its first seed (grid)
     seconds_per_image: float
     chosen: bool = False  # the method's strength chosen on validation
+    # published cPGD at its chosen strength: {"cond" / "uncond": that part of its correction alone on the
+    # evaluation grid} (the diagnosis; diagnosis.cpgd_parts); None for every other sample
+    parts: dict[str, np.ndarray] | None = None
 
 
 def _prompt_seed_grid(prompts: list[str], seeds) -> tuple[list[str], list[int]]:
@@ -602,6 +609,12 @@ def _sample_job(job: SamplingJob) -> list[MethodSamples]:
             s.preview, s.chosen = s.evaluation[::n_seeds], True
         else:
             s.preview, _ = sample(s.method, s.strength, split.evaluation, first_seed)
+    # The diagnosis' cPGD parts alone, sampled here (beside the other tasks in the pool), not after the pool.
+    if best.method == "contrastive":
+        best.parts = {}
+        for part, mode, strength in cpgd_parts(best.strength, config.guidance_scale):
+            with patched(pipe, "contrastive", strength, mode=mode):
+                best.parts[part] = sample_images(pipe, eval_prompts, eval_seeds, config)
     return samples
 
 
@@ -731,22 +744,17 @@ def diversity(images: np.ndarray, n_seeds: int) -> float:
 
 
 def diagnose(config: DemoConfig, pipe, samples: list[MethodSamples], results: list[dict], split: PromptSplit) -> list[dict]:
-    """Each method's correction to base CFG at its chosen strength, split into its cond and uncond parts."""
-    from cgkernels.demo.diagnosis import correction_parts, part_alone_rewards
-
+    """Each method's correction to base CFG at its chosen strength, split into its cond and uncond parts; for
+    published cPGD also each part alone (sampled in its sampling task), measured against base CFG."""
     chosen = {row["method"]: row["strength"] for row in results if row["chosen"]}
     x0_prompts, _ = _prompt_seed_grid(split.validation, config.val_seeds)
     rows = correction_parts(pipe, config, chosen, samples[0].validation, x0_prompts)
-    if "contrastive" in chosen:
-        eval_prompts, eval_seeds = _prompt_seed_grid(split.evaluation, config.eval_seeds)
+    cpgd = next((sample for sample in samples if sample.parts is not None), None)
+    if cpgd is not None:
+        eval_prompts, _ = _prompt_seed_grid(split.evaluation, config.eval_seeds)
         base_eval = reward.taste_rewards(samples[0].evaluation, eval_prompts)
-
-        def sample_part(mode: str, strength: float) -> dict:
-            with patched(pipe, "contrastive", strength, mode=mode):
-                images = sample_images(pipe, eval_prompts, eval_seeds, config)
-            return paired_statistics(reward.taste_rewards(images, eval_prompts), base_eval)
-
-        part_alone_rewards(rows, chosen["contrastive"], config.guidance_scale, sample_part)
+        part_alone_rewards(rows, {part: paired_statistics(reward.taste_rewards(images, eval_prompts), base_eval)
+                                  for part, images in cpgd.parts.items()})
     return rows
 
 
