@@ -98,11 +98,11 @@ class DemoConfig:
     dpo_beta: float = 1000.0
     # 8 evaluation prompts x 16 seeds. With 8 seeds a rung of the ladder that gains +0.15 (sft_pos's mean over 12
     # seeds) sits at about 3 s.e. (pair spread about 0.4), so the 3-s.e. verdict was a coin toss; 128 pairs cut the
-    # standard errors by 1.4x, at about 45 s of sampling.
+    # standard errors by 1.4x, at about 80 CPU-seconds of sampling (40 s on two cores).
     eval_seeds: tuple[int, ...] = tuple(range(1000, 1016))
-    # 8 validation prompts x 8 seeds, as many pairs as evaluation: with 4 seeds two methods tied within one s.e.
-    # on validation (seed 0: +0.215 vs +0.205) and the pick split them on evaluation (win 0.67 vs 0.80). Only the
-    # chosen strength is evaluated, so validation at every strength costs less than evaluation there did.
+    # 8 validation prompts x 8 seeds (64 pairs): with 4 seeds two methods tied within one s.e. on validation (seed
+    # 0: +0.215 vs +0.205) and the pick split them on evaluation (win 0.67 vs 0.80). Every strength is sampled
+    # here, so doubling these seeds would cost about twice what doubling the evaluation seeds did.
     val_seeds: tuple[int, ...] = tuple(range(2000, 2008))
     pair_seed_offset: int = 10_000  # preference samples use seeds from here on: never an evaluation/validation seed
     # Validation chose the lowest strength of the grid (0.5, 1, 2, 4) in 11 of 24 (method, seed) choices and 4 in
