@@ -609,12 +609,11 @@ def _sample_job(job: SamplingJob) -> list[MethodSamples]:
             s.preview, s.chosen = s.evaluation[::n_seeds], True
         else:
             s.preview, _ = sample(s.method, s.strength, split.evaluation, first_seed)
-    # The diagnosis' cPGD parts alone, sampled here (beside the other tasks in the pool), not after the pool.
+    # The diagnosis' cPGD parts alone, sampled here (beside the other tasks in the pool), not after the pool. Each
+    # part's mode is a method of its own on cPGD's adapters (contrastive-cond / -uncond), which this job loaded.
     if best.method == "contrastive":
-        best.parts = {}
-        for part, mode, strength in cpgd_parts(best.strength, config.guidance_scale):
-            with patched(pipe, "contrastive", strength, mode=mode):
-                best.parts[part] = sample_images(pipe, eval_prompts, eval_seeds, config)
+        best.parts = {part: sample(mode, strength, eval_prompts, eval_seeds)[0]
+                      for part, mode, strength in cpgd_parts(best.strength, config.guidance_scale)}
     return samples
 
 
@@ -672,12 +671,12 @@ def ladder_as_expected(gain: float, sem: float, expected_sign: int) -> bool:
 
 
 @contextlib.contextmanager
-def patched(pipe, method: str, strength: float, mode: str | None = None):
-    """cgkernels.patch with a demo method's adapters (and its guidance mode, unless `mode` overrides it)."""
+def patched(pipe, method: str, strength: float):
+    """cgkernels.patch with a demo method's guidance mode and adapters."""
     import cgkernels
 
-    default_mode, positive, negative = METHODS[method]
-    cgkernels.patch(pipe, guidance=mode or default_mode, positive=positive, negative=negative, strength=strength)
+    mode, positive, negative = METHODS[method]
+    cgkernels.patch(pipe, guidance=mode, positive=positive, negative=negative, strength=strength)
     try:
         yield pipe
     finally:
